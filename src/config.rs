@@ -1,0 +1,1371 @@
+//! Configuration: the TOML file as written (`raw` structs, unknown keys refused) turned into
+//! one validated [`Config`] the rest of the gateway reads.
+//!
+//! Validation collects **every** problem, each named by its key path as written in the file
+//! (`tenants[0].keys[1].secret_file: must hold at least 32 bytes`), so an operator fixes the
+//! file in one pass. Error messages never contain secret values.
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+
+/// Every problem found in a configuration file, one line each.
+#[derive(Debug, thiserror::Error)]
+#[error("{}", .problems.join("\n"))]
+pub struct ConfigError {
+    /// One human sentence per problem, prefixed with the key path.
+    pub problems: Vec<String>,
+}
+
+/// Largest configuration file accepted.
+const MAX_CONFIG_BYTES: u64 = 4 * 1024 * 1024;
+/// Largest secret or key file accepted.
+const MAX_SECRET_BYTES: u64 = 64 * 1024;
+/// Minimum length of HMAC secrets (tenant HS* keys and the session secret).
+pub const MIN_SECRET_BYTES: usize = 32;
+
+// === raw (as written) ===
+
+mod raw {
+    use super::*;
+
+    #[derive(Deserialize, Default)]
+    #[serde(deny_unknown_fields)]
+    pub struct Server {
+        pub https_listen: Option<String>,
+        pub http_listen: Option<String>,
+        pub admin_listen: Option<String>,
+        pub threads: Option<usize>,
+        pub state_dir: Option<PathBuf>,
+    }
+
+    #[derive(Deserialize, Default)]
+    #[serde(deny_unknown_fields)]
+    pub struct Store {
+        pub url: Option<String>,
+    }
+
+    #[derive(Deserialize, Default)]
+    #[serde(deny_unknown_fields)]
+    pub struct Admin {
+        #[serde(default)]
+        pub tokens: Vec<toml::Value>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct AdminToken {
+        pub name: String,
+        pub token_sha256: String,
+    }
+
+    #[derive(Deserialize, Default)]
+    #[serde(deny_unknown_fields)]
+    pub struct Session {
+        pub cookie_name: Option<String>,
+        pub ttl: Option<String>,
+        pub secret: Option<String>,
+        pub secret_file: Option<PathBuf>,
+        pub secret_env: Option<String>,
+    }
+
+    #[derive(Deserialize, Default)]
+    #[serde(deny_unknown_fields)]
+    pub struct Acme {
+        pub enabled: Option<bool>,
+        pub directory: Option<String>,
+        pub contact: Option<Vec<String>>,
+        pub challenge: Option<String>,
+        pub ca_file: Option<PathBuf>,
+        pub renew_before: Option<String>,
+    }
+
+    #[derive(Deserialize, Default)]
+    #[serde(deny_unknown_fields)]
+    pub struct Dns {
+        pub nameservers: Option<Vec<String>>,
+        pub edge_target: Option<String>,
+        pub verify_zone: Option<String>,
+        pub check_interval: Option<String>,
+    }
+
+    #[derive(Deserialize, Default)]
+    #[serde(deny_unknown_fields)]
+    pub struct Webhooks {
+        pub allow_private_targets: Option<bool>,
+        pub timeout: Option<String>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Certificate {
+        pub hostnames: Vec<String>,
+        pub cert_file: PathBuf,
+        pub key_file: PathBuf,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Tenant {
+        pub id: String,
+        pub upstream: Vec<String>,
+        pub upstream_tls: Option<bool>,
+        pub public_paths: Option<Vec<String>>,
+        pub login_url: Option<String>,
+        pub confirm: Option<String>,
+        pub session_ttl: Option<String>,
+        pub headers: Option<BTreeMap<String, String>>,
+        #[serde(default)]
+        pub keys: Vec<toml::Value>,
+        pub branding: Option<toml::Value>,
+        #[serde(default)]
+        pub webhooks: Vec<toml::Value>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Key {
+        pub kid: String,
+        pub alg: String,
+        pub secret: Option<String>,
+        pub secret_file: Option<PathBuf>,
+        pub secret_env: Option<String>,
+        pub public_key_file: Option<PathBuf>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Branding {
+        pub title: Option<String>,
+        pub description: Option<String>,
+        pub logo_url: Option<String>,
+        pub color: Option<String>,
+        pub font: Option<String>,
+        #[serde(default)]
+        pub buttons: Vec<Button>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Button {
+        pub label: String,
+        pub url: String,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Webhook {
+        pub url: String,
+        pub secret: Option<String>,
+        pub secret_file: Option<PathBuf>,
+        pub secret_env: Option<String>,
+        pub events: Vec<String>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Domain {
+        pub hostname: String,
+        pub tenant: String,
+    }
+}
+
+// === validated ===
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where the file was read from (for SIGHUP re-reads and relative paths in messages).
+    pub path: PathBuf,
+    pub server: ServerConfig,
+    pub store: StoreUrl,
+    pub admin_tokens: Vec<AdminToken>,
+    pub session: SessionConfig,
+    pub acme: AcmeConfig,
+    pub dns: DnsConfig,
+    pub webhooks: WebhooksConfig,
+    pub certificates: Vec<CertificateConfig>,
+    pub tenants: Vec<TenantConfig>,
+    pub domains: Vec<DomainConfig>,
+}
+
+/// `[server]`.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub https_listen: SocketAddr,
+    pub http_listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    /// Worker threads; 0 means one per core.
+    pub threads: usize,
+    pub state_dir: PathBuf,
+}
+
+/// `[store].url`, resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreUrl {
+    /// A SQLite file, already joined with `state_dir` when relative.
+    Sqlite(PathBuf),
+}
+
+/// One admin bearer token, kept only as its SHA-256.
+#[derive(Debug, Clone)]
+pub struct AdminToken {
+    pub name: String,
+    pub sha256: [u8; 32],
+}
+
+/// A secret's bytes. `Debug` never prints them.
+#[derive(Clone)]
+pub struct Secret(pub Vec<u8>);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Secret({} bytes)", self.0.len())
+    }
+}
+
+/// `[session]`.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    pub cookie_name: String,
+    pub ttl: Duration,
+    pub secret: Secret,
+}
+
+/// `[acme]`.
+#[derive(Debug, Clone)]
+pub struct AcmeConfig {
+    pub enabled: bool,
+    pub directory: String,
+    pub contact: Vec<String>,
+    pub ca_file: Option<PathBuf>,
+    pub renew_before: Duration,
+}
+
+/// `[dns]`.
+#[derive(Debug, Clone)]
+pub struct DnsConfig {
+    pub nameservers: Vec<SocketAddr>,
+    pub edge_target: String,
+    pub verify_zone: String,
+    pub check_interval: Duration,
+}
+
+/// `[webhooks]`.
+#[derive(Debug, Clone)]
+pub struct WebhooksConfig {
+    pub allow_private_targets: bool,
+    pub timeout: Duration,
+}
+
+/// One `[[certificates]]` entry, files already read and checked.
+#[derive(Debug, Clone)]
+pub struct CertificateConfig {
+    pub hostnames: Vec<String>,
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    /// PEM text of the chain.
+    pub cert_pem: Vec<u8>,
+    /// PEM text of the private key.
+    pub key_pem: Secret,
+}
+
+/// Algorithms a tenant key may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyAlg {
+    HS256,
+    HS384,
+    HS512,
+    RS256,
+    ES256,
+    EdDSA,
+}
+
+impl KeyAlg {
+    /// Parses the `alg` as written in config and in JWT headers (exact, case-sensitive).
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "HS256" => Self::HS256,
+            "HS384" => Self::HS384,
+            "HS512" => Self::HS512,
+            "RS256" => Self::RS256,
+            "ES256" => Self::ES256,
+            "EdDSA" => Self::EdDSA,
+            _ => return None,
+        })
+    }
+
+    /// The name as it appears in a JWT header.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::HS256 => "HS256",
+            Self::HS384 => "HS384",
+            Self::HS512 => "HS512",
+            Self::RS256 => "RS256",
+            Self::ES256 => "ES256",
+            Self::EdDSA => "EdDSA",
+        }
+    }
+
+    /// True for the HMAC family.
+    pub fn is_hmac(self) -> bool {
+        matches!(self, Self::HS256 | Self::HS384 | Self::HS512)
+    }
+}
+
+/// Key material of a tenant key.
+#[derive(Debug, Clone)]
+pub enum KeyMaterial {
+    /// HMAC secret bytes.
+    Secret(Secret),
+    /// PEM public key.
+    PublicPem(Vec<u8>),
+}
+
+/// One `[[tenants.keys]]` entry.
+#[derive(Debug, Clone)]
+pub struct KeyConfig {
+    pub kid: String,
+    pub alg: KeyAlg,
+    pub material: KeyMaterial,
+}
+
+/// When a `GET` shows the confirm page instead of redeeming.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConfirmMode {
+    /// Only for links with `one_time: true` (default).
+    OneTime,
+    /// For every link.
+    Always,
+    /// Never: every link redeems on `GET`.
+    Never,
+}
+
+/// `[tenants.branding]`.
+#[derive(Debug, Clone, Default)]
+pub struct Branding {
+    pub title: Option<String>,
+    pub description: Option<String>,
+    pub logo_url: Option<String>,
+    pub color: Option<String>,
+    pub font: Option<String>,
+    pub buttons: Vec<(String, String)>,
+}
+
+/// `[[tenants.webhooks]]`.
+#[derive(Debug, Clone)]
+pub struct WebhookConfig {
+    pub url: String,
+    pub secret: Secret,
+    pub events: Vec<String>,
+}
+
+/// One `[[tenants]]` entry.
+#[derive(Debug, Clone)]
+pub struct TenantConfig {
+    pub id: String,
+    pub upstream: Vec<SocketAddr>,
+    pub upstream_tls: bool,
+    pub public_paths: Vec<String>,
+    pub login_url: Option<String>,
+    pub confirm: ConfirmMode,
+    pub session_ttl: Duration,
+    /// Claim name -> header name, in a stable order.
+    pub headers: Vec<(String, String)>,
+    pub keys: Vec<KeyConfig>,
+    pub branding: Option<Branding>,
+    pub webhooks: Vec<WebhookConfig>,
+}
+
+/// One `[[domains]]` entry.
+#[derive(Debug, Clone)]
+pub struct DomainConfig {
+    pub hostname: String,
+    pub tenant: String,
+}
+
+/// Webhook event names the gateway can send.
+pub const WEBHOOK_EVENTS: [&str; 4] = [
+    "link.redeemed",
+    "domain.active",
+    "domain.failed",
+    "certificate.renewed",
+];
+
+// === loading ===
+
+impl Config {
+    /// Reads and validates the file at `path`, reporting every problem at once.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = read_limited(path, MAX_CONFIG_BYTES).map_err(|e| ConfigError {
+            problems: vec![format!("{}: {e}", path.display())],
+        })?;
+        let text = String::from_utf8(text).map_err(|_| ConfigError {
+            problems: vec![format!("{}: not UTF-8 text", path.display())],
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Validates configuration text; `path` names the file and anchors relative paths.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let root: toml::Table = toml::from_str(text).map_err(|e| ConfigError {
+            problems: vec![format!("{}: {}", path.display(), one_line(&e.to_string()))],
+        })?;
+        let mut v = Validator {
+            problems: Vec::new(),
+        };
+        let config = v.config(root, path);
+        if v.problems.is_empty() {
+            config.ok_or_else(|| ConfigError {
+                problems: vec!["configuration incomplete".into()],
+            })
+        } else {
+            Err(ConfigError {
+                problems: v.problems,
+            })
+        }
+    }
+
+    /// The tenant with this id.
+    pub fn tenant(&self, id: &str) -> Option<&TenantConfig> {
+        self.tenants.iter().find(|t| t.id == id)
+    }
+}
+
+fn one_line(s: &str) -> String {
+    s.split('\n')
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('|'))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// Reads a file, refusing ones larger than `limit`.
+pub fn read_limited(path: &Path, limit: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let f = std::fs::File::open(path)?;
+    let mut buf = Vec::new();
+    f.take(limit + 1).read_to_end(&mut buf)?;
+    if buf.len() as u64 > limit {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("larger than {limit} bytes"),
+        ));
+    }
+    Ok(buf)
+}
+
+/// Parses a duration such as `30s`, `5m`, `12h`, `5d`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s.trim())
+        .map_err(|e| format!("not a duration ({e}); use e.g. 30s, 5m, 12h, 5d"))
+}
+
+struct Validator {
+    problems: Vec<String>,
+}
+
+impl Validator {
+    fn err(&mut self, path: impl std::fmt::Display, msg: impl std::fmt::Display) {
+        self.problems.push(format!("{path}: {msg}"));
+    }
+
+    /// Deserializes one table, reporting type/unknown-key errors against `path`.
+    fn section<T: DeserializeOwned>(&mut self, value: toml::Value, path: &str) -> Option<T> {
+        match T::deserialize(value) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                let msg = one_line(e.message());
+                // Unknown fields: name the key precisely.
+                if let Some(rest) = msg.strip_prefix("unknown field `") {
+                    if let Some((key, _)) = rest.split_once('`') {
+                        self.err(format!("{path}.{key}"), "unknown key");
+                        return None;
+                    }
+                }
+                if let Some(rest) = msg.strip_prefix("missing field `") {
+                    if let Some((key, _)) = rest.split_once('`') {
+                        self.err(format!("{path}.{key}"), "required");
+                        return None;
+                    }
+                }
+                self.err(path, msg);
+                None
+            }
+        }
+    }
+
+    fn duration(&mut self, v: Option<String>, default: &str, path: &str) -> Duration {
+        let s = v.unwrap_or_else(|| default.to_string());
+        match parse_duration(&s) {
+            Ok(d) if !d.is_zero() => d,
+            Ok(_) => {
+                self.err(path, "must be longer than zero");
+                Duration::from_secs(1)
+            }
+            Err(e) => {
+                self.err(path, e);
+                Duration::from_secs(1)
+            }
+        }
+    }
+
+    fn addr(&mut self, v: Option<String>, default: &str, path: &str) -> SocketAddr {
+        let s = v.unwrap_or_else(|| default.to_string());
+        match s.parse() {
+            Ok(a) => a,
+            Err(_) => {
+                self.err(path, format!("`{s}` is not an IP:port address"));
+                SocketAddr::from(([127, 0, 0, 1], 0))
+            }
+        }
+    }
+
+    /// Resolves one of `secret` / `secret_file` / `secret_env`.
+    fn secret(
+        &mut self,
+        path: &str,
+        inline: Option<String>,
+        file: Option<PathBuf>,
+        env: Option<String>,
+        min_len: usize,
+    ) -> Option<Secret> {
+        let given = inline.is_some() as u8 + file.is_some() as u8 + env.is_some() as u8;
+        if given == 0 {
+            self.err(
+                format!("{path}.secret_file"),
+                "required (or `secret`, or `secret_env`)",
+            );
+            return None;
+        }
+        if given > 1 {
+            self.err(
+                path,
+                "give only one of `secret`, `secret_file`, `secret_env`",
+            );
+            return None;
+        }
+        let (key, bytes) = if let Some(s) = inline {
+            ("secret", s.into_bytes())
+        } else if let Some(f) = file {
+            match read_limited(&f, MAX_SECRET_BYTES) {
+                Ok(mut b) => {
+                    if b.last() == Some(&b'\n') {
+                        b.pop();
+                    }
+                    ("secret_file", b)
+                }
+                Err(e) => {
+                    self.err(
+                        format!("{path}.secret_file"),
+                        format!("cannot read {}: {e}", f.display()),
+                    );
+                    return None;
+                }
+            }
+        } else {
+            let name = env.unwrap_or_default();
+            match std::env::var_os(&name) {
+                Some(v) => ("secret_env", v.into_encoded_bytes()),
+                None => {
+                    self.err(
+                        format!("{path}.secret_env"),
+                        format!("environment variable `{name}` is not set"),
+                    );
+                    return None;
+                }
+            }
+        };
+        if bytes.len() < min_len {
+            self.err(
+                format!("{path}.{key}"),
+                format!("must hold at least {min_len} bytes"),
+            );
+            return None;
+        }
+        Some(Secret(bytes))
+    }
+
+    fn config(&mut self, mut root: toml::Table, path: &Path) -> Option<Config> {
+        const SECTIONS: [&str; 10] = [
+            "server",
+            "store",
+            "admin",
+            "session",
+            "acme",
+            "dns",
+            "webhooks",
+            "certificates",
+            "tenants",
+            "domains",
+        ];
+        for key in root.keys() {
+            if !SECTIONS.contains(&key.as_str()) {
+                self.problems.push(format!("{key}: unknown key"));
+            }
+        }
+        let mut take = |k: &str| root.remove(k);
+
+        let server: raw::Server = take("server")
+            .and_then(|v| self.section(v, "server"))
+            .unwrap_or_default();
+        let store: raw::Store = take("store")
+            .and_then(|v| self.section(v, "store"))
+            .unwrap_or_default();
+        let admin: raw::Admin = take("admin")
+            .and_then(|v| self.section(v, "admin"))
+            .unwrap_or_default();
+        let session_raw = take("session");
+        let acme: raw::Acme = take("acme")
+            .and_then(|v| self.section(v, "acme"))
+            .unwrap_or_default();
+        let dns: raw::Dns = take("dns")
+            .and_then(|v| self.section(v, "dns"))
+            .unwrap_or_default();
+        let webhooks: raw::Webhooks = take("webhooks")
+            .and_then(|v| self.section(v, "webhooks"))
+            .unwrap_or_default();
+        let certificates = self.array(take("certificates"), "certificates");
+        let tenants = self.array(take("tenants"), "tenants");
+        let domains = self.array(take("domains"), "domains");
+
+        // [server]
+        let server = ServerConfig {
+            https_listen: self.addr(server.https_listen, "0.0.0.0:443", "server.https_listen"),
+            http_listen: self.addr(server.http_listen, "0.0.0.0:80", "server.http_listen"),
+            admin_listen: self.addr(server.admin_listen, "127.0.0.1:9090", "server.admin_listen"),
+            threads: server.threads.unwrap_or(0),
+            state_dir: server
+                .state_dir
+                .unwrap_or_else(|| PathBuf::from("/var/lib/linkgate")),
+        };
+        if server.threads > 1024 {
+            self.err("server.threads", "must be at most 1024");
+        }
+
+        // [store]
+        let url = store
+            .url
+            .unwrap_or_else(|| "sqlite://linkgate.db".to_string());
+        let store = if let Some(p) = url.strip_prefix("sqlite://") {
+            if p.is_empty() {
+                self.err("store.url", "sqlite:// needs a file path");
+            }
+            Some(StoreUrl::Sqlite(server.state_dir.join(p)))
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            self.err(
+                "store.url",
+                "PostgreSQL is not supported by this build yet; use sqlite://",
+            );
+            None
+        } else {
+            self.err(
+                "store.url",
+                "must start with sqlite:// (or postgres:// once supported)",
+            );
+            None
+        };
+
+        // [admin]
+        let mut admin_tokens = Vec::new();
+        let mut token_names = HashSet::new();
+        for (i, t) in admin.tokens.into_iter().enumerate() {
+            let p = format!("admin.tokens[{i}]");
+            let Some(t) = self.section::<raw::AdminToken>(t, &p) else {
+                continue;
+            };
+            if !token_names.insert(t.name.clone()) {
+                self.err(format!("{p}.name"), "duplicate token name");
+            }
+            match decode_hex32(&t.token_sha256) {
+                Some(h) => admin_tokens.push(AdminToken {
+                    name: t.name,
+                    sha256: h,
+                }),
+                None => self.err(
+                    format!("{p}.token_sha256"),
+                    "must be 64 hex digits (sha256 of the token)",
+                ),
+            }
+        }
+
+        // [session]
+        let session = match session_raw {
+            None => {
+                self.err("session.secret_file", "required");
+                None
+            }
+            Some(v) => self
+                .section::<raw::Session>(v, "session")
+                .and_then(|s| self.session(s)),
+        };
+
+        // [acme] / [dns]
+        if let Some(c) = acme.challenge.as_deref().filter(|c| *c != "http-01") {
+            self.err(
+                "acme.challenge",
+                format!("`{c}` is not supported; use http-01"),
+            );
+        }
+        let acme = AcmeConfig {
+            enabled: acme.enabled.unwrap_or(false),
+            directory: acme.directory.unwrap_or_else(|| {
+                "https://acme-v02.api.letsencrypt.org/directory".to_string()
+            }),
+            contact: acme.contact.unwrap_or_default(),
+            ca_file: acme.ca_file.filter(|p| !p.as_os_str().is_empty()),
+            renew_before: self.duration(acme.renew_before, "30d", "acme.renew_before"),
+        };
+        let mut nameservers = Vec::new();
+        for (i, ns) in dns.nameservers.unwrap_or_default().iter().enumerate() {
+            let parsed = ns
+                .parse::<SocketAddr>()
+                .or_else(|_| ns.parse::<std::net::IpAddr>().map(|ip| SocketAddr::new(ip, 53)));
+            match parsed {
+                Ok(a) => nameservers.push(a),
+                Err(_) => self.err(
+                    format!("dns.nameservers[{i}]"),
+                    format!("`{ns}` is not an IP or IP:port"),
+                ),
+            }
+        }
+        let dns = DnsConfig {
+            nameservers,
+            edge_target: dns.edge_target.unwrap_or_default().to_ascii_lowercase(),
+            verify_zone: dns.verify_zone.unwrap_or_default().to_ascii_lowercase(),
+            check_interval: self.duration(dns.check_interval, "30s", "dns.check_interval"),
+        };
+        if acme.enabled {
+            if dns.edge_target.is_empty() {
+                self.err("dns.edge_target", "required when acme.enabled");
+            }
+            if dns.verify_zone.is_empty() {
+                self.err("dns.verify_zone", "required when acme.enabled");
+            }
+            self.err(
+                "acme.enabled",
+                "ACME issuance is not available in this build yet; serve names with [[certificates]]",
+            );
+        }
+        let webhooks = WebhooksConfig {
+            allow_private_targets: webhooks.allow_private_targets.unwrap_or(false),
+            timeout: self.duration(webhooks.timeout, "10s", "webhooks.timeout"),
+        };
+
+        // [[certificates]]
+        let mut certs = Vec::new();
+        for (i, c) in certificates.into_iter().enumerate() {
+            let p = format!("certificates[{i}]");
+            if let Some(c) = self.section::<raw::Certificate>(c, &p) {
+                if let Some(c) = self.certificate(c, &p) {
+                    certs.push(c);
+                }
+            }
+        }
+
+        // [[tenants]]
+        let default_ttl = session
+            .as_ref()
+            .map(|s| s.ttl)
+            .unwrap_or(Duration::from_secs(12 * 3600));
+        let mut tenant_cfgs = Vec::new();
+        let mut ids = HashSet::new();
+        for (i, t) in tenants.into_iter().enumerate() {
+            let p = format!("tenants[{i}]");
+            if let Some(t) = self.section::<raw::Tenant>(t, &p) {
+                if !ids.insert(t.id.clone()) {
+                    self.err(format!("{p}.id"), format!("duplicate tenant id `{}`", t.id));
+                }
+                if let Some(t) = self.tenant(t, &p, default_ttl) {
+                    tenant_cfgs.push(t);
+                }
+            }
+        }
+
+        // [[domains]]
+        let mut domain_cfgs = Vec::new();
+        let mut hosts = HashSet::new();
+        for (i, d) in domains.into_iter().enumerate() {
+            let p = format!("domains[{i}]");
+            let Some(d) = self.section::<raw::Domain>(d, &p) else {
+                continue;
+            };
+            let hostname = match normalize_hostname(&d.hostname) {
+                Ok(h) => h,
+                Err(e) => {
+                    self.err(format!("{p}.hostname"), e);
+                    continue;
+                }
+            };
+            if !hosts.insert(hostname.clone()) {
+                self.err(
+                    format!("{p}.hostname"),
+                    format!("`{hostname}` is listed twice"),
+                );
+            }
+            if !ids.contains(&d.tenant) {
+                self.err(
+                    format!("{p}.tenant"),
+                    format!("no tenant with id `{}`", d.tenant),
+                );
+            }
+            domain_cfgs.push(DomainConfig {
+                hostname,
+                tenant: d.tenant,
+            });
+        }
+        for (i, d) in domain_cfgs.iter().enumerate() {
+            let covered = certs
+                .iter()
+                .any(|c| c.hostnames.iter().any(|h| h == &d.hostname));
+            if !covered && !acme.enabled {
+                self.err(
+                    format!("domains[{i}].hostname"),
+                    format!(
+                        "`{}` has no [[certificates]] entry and acme.enabled is false: it could never be served",
+                        d.hostname
+                    ),
+                );
+            }
+        }
+
+        Some(Config {
+            path: path.to_path_buf(),
+            server,
+            store: store?,
+            admin_tokens,
+            session: session?,
+            acme,
+            dns,
+            webhooks,
+            certificates: certs,
+            tenants: tenant_cfgs,
+            domains: domain_cfgs,
+        })
+    }
+
+    fn array(&mut self, v: Option<toml::Value>, path: &str) -> Vec<toml::Value> {
+        match v {
+            None => Vec::new(),
+            Some(toml::Value::Array(a)) => a,
+            Some(_) => {
+                self.err(path, "must be an array of tables ([[...]])");
+                Vec::new()
+            }
+        }
+    }
+
+    fn session(&mut self, s: raw::Session) -> Option<SessionConfig> {
+        let cookie_name = s
+            .cookie_name
+            .unwrap_or_else(|| "__Host-linkgate".to_string());
+        if cookie_name.is_empty()
+            || cookie_name.len() > 64
+            || !cookie_name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        {
+            self.err(
+                "session.cookie_name",
+                "must be 1-64 characters of A-Z a-z 0-9 - _ .",
+            );
+        }
+        let ttl = self.duration(s.ttl, "12h", "session.ttl");
+        let secret = self.secret(
+            "session",
+            s.secret,
+            s.secret_file,
+            s.secret_env,
+            MIN_SECRET_BYTES,
+        )?;
+        Some(SessionConfig {
+            cookie_name,
+            ttl,
+            secret,
+        })
+    }
+
+    fn certificate(&mut self, c: raw::Certificate, p: &str) -> Option<CertificateConfig> {
+        let mut hostnames = Vec::new();
+        if c.hostnames.is_empty() {
+            self.err(format!("{p}.hostnames"), "must list at least one hostname");
+        }
+        for (j, h) in c.hostnames.iter().enumerate() {
+            match normalize_hostname(h) {
+                Ok(h) => hostnames.push(h),
+                Err(e) => self.err(format!("{p}.hostnames[{j}]"), e),
+            }
+        }
+        let cert_pem = match read_limited(&c.cert_file, MAX_SECRET_BYTES) {
+            Ok(b) => b,
+            Err(e) => {
+                self.err(
+                    format!("{p}.cert_file"),
+                    format!("cannot read {}: {e}", c.cert_file.display()),
+                );
+                return None;
+            }
+        };
+        let key_pem = match read_limited(&c.key_file, MAX_SECRET_BYTES) {
+            Ok(b) => b,
+            Err(e) => {
+                self.err(
+                    format!("{p}.key_file"),
+                    format!("cannot read {}: {e}", c.key_file.display()),
+                );
+                return None;
+            }
+        };
+        if let Err(e) = crate::tls::certified_key_from_pem(&cert_pem, &key_pem) {
+            self.err(p, e);
+            return None;
+        }
+        Some(CertificateConfig {
+            hostnames,
+            cert_file: c.cert_file,
+            key_file: c.key_file,
+            cert_pem,
+            key_pem: Secret(key_pem),
+        })
+    }
+
+    fn tenant(&mut self, t: raw::Tenant, p: &str, default_ttl: Duration) -> Option<TenantConfig> {
+        let before = self.problems.len();
+        if !valid_tenant_id(&t.id) {
+            self.err(format!("{p}.id"), "must match [a-z0-9-]{1,63}");
+        }
+        if t.upstream.is_empty() {
+            self.err(format!("{p}.upstream"), "must list at least one address");
+        }
+        let mut upstream = Vec::new();
+        for (j, u) in t.upstream.iter().enumerate() {
+            match u.parse::<SocketAddr>() {
+                Ok(a) => upstream.push(a),
+                Err(_) => self.err(
+                    format!("{p}.upstream[{j}]"),
+                    format!("`{u}` is not an IP:port address"),
+                ),
+            }
+        }
+        let public_paths = t.public_paths.unwrap_or_default();
+        for (j, pp) in public_paths.iter().enumerate() {
+            if !pp.starts_with('/') || pp.contains(['?', '#']) {
+                self.err(
+                    format!("{p}.public_paths[{j}]"),
+                    "must be a path starting with / (no query)",
+                );
+            }
+        }
+        let login_url = t.login_url.filter(|s| !s.is_empty());
+        if let Some(u) = &login_url {
+            let ok = (u.starts_with("https://") || u.starts_with("http://") || u.starts_with('/'))
+                && !u.bytes().any(|b| b.is_ascii_control() || b == b' ');
+            if !ok {
+                self.err(
+                    format!("{p}.login_url"),
+                    "must be an absolute http(s) URL or a path starting with /",
+                );
+            }
+        }
+        let confirm = match t.confirm.as_deref().unwrap_or("one_time") {
+            "one_time" => ConfirmMode::OneTime,
+            "always" => ConfirmMode::Always,
+            "never" => ConfirmMode::Never,
+            other => {
+                self.err(
+                    format!("{p}.confirm"),
+                    format!("`{other}` is not one of one_time, always, never"),
+                );
+                ConfirmMode::OneTime
+            }
+        };
+        let session_ttl = match t.session_ttl.filter(|s| !s.is_empty()) {
+            Some(s) => self.duration(Some(s), "", &format!("{p}.session_ttl")),
+            None => default_ttl,
+        };
+        let headers_map = t.headers.unwrap_or_else(|| {
+            [
+                ("sub", "X-Linkgate-Subject"),
+                ("email", "X-Linkgate-Email"),
+                ("name", "X-Linkgate-Name"),
+            ]
+            .into_iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect()
+        });
+        let mut headers = Vec::new();
+        for (claim, header) in headers_map {
+            if http::HeaderName::from_bytes(header.as_bytes()).is_err() {
+                self.err(
+                    format!("{p}.headers.{claim}"),
+                    format!("`{header}` is not a valid header name"),
+                );
+            } else if is_reserved_header(&header) {
+                self.err(
+                    format!("{p}.headers.{claim}"),
+                    format!("`{header}` is a hop-by-hop or gateway-owned header"),
+                );
+            } else {
+                headers.push((claim, header));
+            }
+        }
+        if t.keys.is_empty() {
+            self.err(format!("{p}.keys"), "at least one key is required");
+        }
+        let mut keys = Vec::new();
+        let mut kids = HashSet::new();
+        for (j, k) in t.keys.into_iter().enumerate() {
+            let kp = format!("{p}.keys[{j}]");
+            let Some(k) = self.section::<raw::Key>(k, &kp) else {
+                continue;
+            };
+            if k.kid.is_empty() || k.kid.len() > 128 {
+                self.err(format!("{kp}.kid"), "must be 1-128 characters");
+            }
+            if !kids.insert(k.kid.clone()) {
+                self.err(format!("{kp}.kid"), format!("duplicate kid `{}`", k.kid));
+            }
+            let Some(alg) = KeyAlg::parse(&k.alg) else {
+                self.err(
+                    format!("{kp}.alg"),
+                    format!(
+                        "`{}` is not one of HS256, HS384, HS512, RS256, ES256, EdDSA",
+                        k.alg
+                    ),
+                );
+                continue;
+            };
+            let material = if alg.is_hmac() {
+                if k.public_key_file.is_some() {
+                    self.err(
+                        format!("{kp}.public_key_file"),
+                        format!("{} keys take a secret, not a public key", alg.as_str()),
+                    );
+                    continue;
+                }
+                match self.secret(&kp, k.secret, k.secret_file, k.secret_env, MIN_SECRET_BYTES) {
+                    Some(s) => KeyMaterial::Secret(s),
+                    None => continue,
+                }
+            } else {
+                if k.secret.is_some() || k.secret_file.is_some() || k.secret_env.is_some() {
+                    self.err(
+                        &kp,
+                        format!("{} keys take public_key_file, not a secret", alg.as_str()),
+                    );
+                    continue;
+                }
+                let Some(f) = k.public_key_file else {
+                    self.err(format!("{kp}.public_key_file"), "required for this alg");
+                    continue;
+                };
+                match read_limited(&f, MAX_SECRET_BYTES) {
+                    Ok(pem) => {
+                        if let Err(e) = crate::link::decoding_key(alg, &KeyMaterial::PublicPem(pem.clone())) {
+                            self.err(format!("{kp}.public_key_file"), e);
+                            continue;
+                        }
+                        KeyMaterial::PublicPem(pem)
+                    }
+                    Err(e) => {
+                        self.err(
+                            format!("{kp}.public_key_file"),
+                            format!("cannot read {}: {e}", f.display()),
+                        );
+                        continue;
+                    }
+                }
+            };
+            keys.push(KeyConfig {
+                kid: k.kid,
+                alg,
+                material,
+            });
+        }
+        let branding = t
+            .branding
+            .and_then(|b| self.section::<raw::Branding>(b, &format!("{p}.branding")))
+            .map(|b| {
+                if let Some(c) = &b.color {
+                    if !valid_css_color(c) {
+                        self.err(
+                            format!("{p}.branding.color"),
+                            "must be a #rgb or #rrggbb colour",
+                        );
+                    }
+                }
+                if let Some(u) = &b.logo_url {
+                    if !u.starts_with("https://") {
+                        self.err(format!("{p}.branding.logo_url"), "must be an https:// URL");
+                    }
+                }
+                for (j, btn) in b.buttons.iter().enumerate() {
+                    let u = &btn.url;
+                    if !(u.starts_with("https://") || u.starts_with("mailto:") || u.starts_with('/')) {
+                        self.err(
+                            format!("{p}.branding.buttons[{j}].url"),
+                            "must be https://, mailto: or a path",
+                        );
+                    }
+                }
+                Branding {
+                    title: b.title,
+                    description: b.description,
+                    logo_url: b.logo_url,
+                    color: b.color,
+                    font: b.font,
+                    buttons: b.buttons.into_iter().map(|b| (b.label, b.url)).collect(),
+                }
+            });
+        let mut webhooks = Vec::new();
+        for (j, w) in t.webhooks.into_iter().enumerate() {
+            let wp = format!("{p}.webhooks[{j}]");
+            let Some(w) = self.section::<raw::Webhook>(w, &wp) else {
+                continue;
+            };
+            if !(w.url.starts_with("https://") || w.url.starts_with("http://")) {
+                self.err(format!("{wp}.url"), "must be an http(s) URL");
+            }
+            for (k, e) in w.events.iter().enumerate() {
+                if !WEBHOOK_EVENTS.contains(&e.as_str()) {
+                    self.err(
+                        format!("{wp}.events[{k}]"),
+                        format!("unknown event `{e}`; known: {}", WEBHOOK_EVENTS.join(", ")),
+                    );
+                }
+            }
+            if let Some(secret) = self.secret(&wp, w.secret, w.secret_file, w.secret_env, 16) {
+                webhooks.push(WebhookConfig {
+                    url: w.url,
+                    secret,
+                    events: w.events,
+                });
+            }
+        }
+        if self.problems.len() != before {
+            return None;
+        }
+        Some(TenantConfig {
+            id: t.id,
+            upstream,
+            upstream_tls: t.upstream_tls.unwrap_or(false),
+            public_paths,
+            login_url,
+            confirm,
+            session_ttl,
+            headers,
+            keys,
+            branding,
+            webhooks,
+        })
+    }
+}
+
+/// Headers a tenant may not map claims onto.
+fn is_reserved_header(h: &str) -> bool {
+    const RESERVED: [&str; 12] = [
+        "host",
+        "connection",
+        "keep-alive",
+        "transfer-encoding",
+        "te",
+        "trailer",
+        "upgrade",
+        "content-length",
+        "cookie",
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+    ];
+    let l = h.to_ascii_lowercase();
+    RESERVED.contains(&l.as_str()) || l == "x-linkgate-tenant" || l == "x-linkgate-assertion"
+}
+
+fn valid_css_color(c: &str) -> bool {
+    let Some(hex) = c.strip_prefix('#') else {
+        return false;
+    };
+    (hex.len() == 3 || hex.len() == 6) && hex.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// True for ids matching `[a-z0-9-]{1,63}`.
+pub fn valid_tenant_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 63
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+fn decode_hex32(s: &str) -> Option<[u8; 32]> {
+    let s = s.trim();
+    if s.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, chunk) in s.as_bytes().chunks(2).enumerate() {
+        let hi = (chunk[0] as char).to_digit(16)?;
+        let lo = (chunk[1] as char).to_digit(16)?;
+        out[i] = (hi * 16 + lo) as u8;
+    }
+    Some(out)
+}
+
+/// Lower-cases and checks a DNS hostname: letters, digits and hyphens in dot-separated labels,
+/// at least two labels, no wildcard, no IP literal, no trailing dot kept.
+pub fn normalize_hostname(h: &str) -> Result<String, String> {
+    let h = h.trim().trim_end_matches('.').to_ascii_lowercase();
+    if h.is_empty() || h.len() > 253 {
+        return Err("must be a hostname of 1-253 characters".into());
+    }
+    if h.parse::<std::net::IpAddr>().is_ok() {
+        return Err(format!("`{h}` is an IP address, not a hostname"));
+    }
+    if h.contains('*') {
+        return Err(format!("`{h}`: wildcards are not supported"));
+    }
+    let labels: Vec<&str> = h.split('.').collect();
+    if labels.len() < 2 && h != "localhost" {
+        return Err(format!("`{h}` needs at least two labels"));
+    }
+    for l in &labels {
+        let ok = !l.is_empty()
+            && l.len() <= 63
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+        if !ok {
+            return Err(format!("`{h}` is not a valid hostname"));
+        }
+    }
+    Ok(h)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn secret_file(dir: &Path, name: &str, len: usize) -> PathBuf {
+        let p = dir.join(name);
+        let mut f = std::fs::File::create(&p).unwrap();
+        f.write_all(&vec![b'k'; len]).unwrap();
+        f.write_all(b"\n").unwrap();
+        p
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = secret_file(dir.path(), "s.key", 32);
+        let text = format!(
+            "[session]\nsecret_file = {s:?}\n[[tenants]]\nid = \"acme\"\nupstream = [\"127.0.0.1:8080\"]\n[[tenants.keys]]\nkid = \"k1\"\nalg = \"HS256\"\nsecret = \"{}\"\n",
+            "x".repeat(32)
+        );
+        let c = Config::parse(&text, Path::new("t.toml")).unwrap();
+        assert_eq!(c.server.https_listen.port(), 443);
+        assert_eq!(c.session.cookie_name, "__Host-linkgate");
+        assert_eq!(c.session.ttl, Duration::from_secs(12 * 3600));
+        assert_eq!(c.session.secret.0.len(), 32, "one trailing newline ignored");
+        assert_eq!(
+            c.store,
+            StoreUrl::Sqlite(PathBuf::from("/var/lib/linkgate/linkgate.db"))
+        );
+        let t = &c.tenants[0];
+        assert_eq!(t.confirm, ConfirmMode::OneTime);
+        assert_eq!(t.headers.len(), 3);
+    }
+
+    #[test]
+    fn every_problem_reported_with_its_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let short = secret_file(dir.path(), "short.key", 10);
+        let text = format!(
+            r#"
+bogus = 1
+[server]
+https_listen = "nope"
+threads = "many"
+[session]
+secret_file = {short:?}
+[[tenants]]
+id = "Bad_Id"
+upstream = ["127.0.0.1:1"]
+confirm = "sometimes"
+  [[tenants.keys]]
+  kid = "k1"
+  alg = "HS256"
+  secret = "{ok}"
+  [[tenants.keys]]
+  kid = "k2"
+  alg = "HS256"
+  secret_file = {short:?}
+  [[tenants.keys]]
+  kid = "k3"
+  alg = "none"
+  secret = "{ok}"
+[[domains]]
+hostname = "links.example.com"
+tenant = "ghost"
+"#,
+            ok = "y".repeat(40)
+        );
+        let e = Config::parse(&text, Path::new("t.toml")).unwrap_err();
+        let all = e.problems.join("\n");
+        for needle in [
+            "bogus: unknown key",
+            "server:",
+            "session.secret_file: must hold at least 32 bytes",
+            "tenants[0].id:",
+            "tenants[0].confirm:",
+            "tenants[0].keys[1].secret_file: must hold at least 32 bytes",
+            "tenants[0].keys[2].alg:",
+            "domains[0].tenant: no tenant with id `ghost`",
+        ] {
+            assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
+        }
+        assert!(!all.contains(&"y".repeat(40)), "secret leaked into errors");
+    }
+
+    #[test]
+    fn unknown_nested_key_named() {
+        let text = "[server]\nhttps_listn = \"1.2.3.4:1\"\n";
+        let e = Config::parse(text, Path::new("t.toml")).unwrap_err();
+        assert!(e
+            .problems
+            .iter()
+            .any(|p| p == "server.https_listn: unknown key"));
+    }
+
+    #[test]
+    fn hostile_input_never_panics() {
+        for text in [
+            "",
+            "[[[",
+            "tenants = 5",
+            "[[tenants]]\nid = 7",
+            "[session]\nsecret = 1",
+            "[[tenants]]\nkeys = \"x\"",
+            "[admin]\ntokens = [{name = \"a\", token_sha256 = \"zz\"}]",
+            &"a".repeat(100_000),
+        ] {
+            assert!(Config::parse(text, Path::new("t.toml")).is_err());
+        }
+    }
+
+    #[test]
+    fn hostnames_checked() {
+        assert_eq!(
+            normalize_hostname("Links.Example.COM.").unwrap(),
+            "links.example.com"
+        );
+        assert!(normalize_hostname("*.example.com").is_err());
+        assert!(normalize_hostname("10.0.0.1").is_err());
+        assert!(normalize_hostname("bad_name.example.com").is_err());
+        assert!(normalize_hostname("-a.example.com").is_err());
+    }
+}

@@ -1,0 +1,131 @@
+//! The gateway's shared state: tenants prepared for the hot path, the host map, certificates,
+//! session sealer, revocations, store, assertion signer and metrics. Built once in `serve`
+//! and shared by every service.
+
+use std::collections::HashMap;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use dashmap::DashMap;
+use pingora::lb::{health_check::TcpHealthCheck, selection::RoundRobin, LoadBalancer};
+use serde_json::{Map, Value};
+
+use crate::assertion::AssertionSigner;
+use crate::config::{Branding, Config, ConfirmMode, TenantConfig};
+use crate::link::{KeyError, TenantKeys};
+use crate::metrics::Metrics;
+use crate::revocation::Revocations;
+use crate::session::SessionSealer;
+use crate::store::Store;
+use crate::tls::CertStore;
+
+/// A tenant as the hot path needs it: keys prepared, header names lower-cased.
+pub struct Tenant {
+    pub id: String,
+    pub keys: TenantKeys,
+    pub upstream: Arc<LoadBalancer<RoundRobin>>,
+    pub upstream_tls: bool,
+    pub public_paths: Vec<String>,
+    pub login_url: Option<String>,
+    pub confirm: ConfirmMode,
+    pub session_ttl: Duration,
+    /// (claim, header name) pairs applied to forwarded requests.
+    pub headers: Vec<(String, http::HeaderName)>,
+    /// Lower-case, `-`-separated names of the `headers` map (for stripping).
+    pub strip_names: Vec<String>,
+    pub branding: Option<Branding>,
+}
+
+impl Tenant {
+    /// Prepares `t`'s keys and upstream pool.
+    pub fn new(t: &TenantConfig) -> Result<Self, KeyError> {
+        let keys = TenantKeys::new(&t.keys)?;
+        let mut lb = LoadBalancer::<RoundRobin>::try_from_iter(t.upstream.iter().copied())
+            .expect("socket addresses need no lookup");
+        let mut hc = TcpHealthCheck::new();
+        hc.consecutive_failure = 2;
+        hc.consecutive_success = 1;
+        lb.set_health_check(hc);
+        lb.health_check_frequency = Some(Duration::from_secs(5));
+        lb.parallel_health_check = true;
+        let headers = t
+            .headers
+            .iter()
+            .filter_map(|(claim, h)| {
+                http::HeaderName::from_bytes(h.as_bytes())
+                    .ok()
+                    .map(|n| (claim.clone(), n))
+            })
+            .collect::<Vec<_>>();
+        let strip_names = headers
+            .iter()
+            .map(|(_, h)| h.as_str().replace('_', "-"))
+            .collect();
+        Ok(Self {
+            id: t.id.clone(),
+            keys,
+            upstream: Arc::new(lb),
+            upstream_tls: t.upstream_tls,
+            public_paths: t.public_paths.clone(),
+            login_url: t.login_url.clone(),
+            confirm: t.confirm,
+            session_ttl: t.session_ttl,
+            headers,
+            strip_names,
+            branding: t.branding.clone(),
+        })
+    }
+
+    /// True when `path` (normalised) is under one of `public_paths`.
+    pub fn is_public(&self, path: &str) -> bool {
+        self.public_paths
+            .iter()
+            .any(|p| crate::paths::prefix_matches(p, path))
+    }
+}
+
+/// Everything the services share.
+pub struct Gateway {
+    pub config: ArcSwap<Config>,
+    pub cookie_name: String,
+    pub sealer: SessionSealer,
+    pub tenants: ArcSwap<HashMap<String, Arc<Tenant>>>,
+    /// Served hostname -> tenant id.
+    pub hosts: DashMap<String, Arc<str>>,
+    pub certs: Arc<CertStore>,
+    pub revocations: Revocations,
+    pub store: Arc<dyn Store>,
+    pub signer: AssertionSigner,
+    pub metrics: Arc<Metrics>,
+    /// Port of the HTTPS listener (for redirects and minted URLs).
+    pub https_port: u16,
+    /// ACME HTTP-01 token -> key authorization.
+    pub acme_challenges: DashMap<String, String>,
+    /// Server-side claims of sessions whose claims do not fit a cookie.
+    pub claims_cache: DashMap<String, Arc<Map<String, Value>>>,
+    /// Set once the listeners accept connections.
+    pub ready: AtomicBool,
+}
+
+impl Gateway {
+    /// The tenant serving `host` (lower-case, no port).
+    pub fn tenant_for_host(&self, host: &str) -> Option<Arc<Tenant>> {
+        let id = self.hosts.get(host)?;
+        self.tenants.load().get(&**id).cloned()
+    }
+
+    /// The tenant with this id.
+    pub fn tenant(&self, id: &str) -> Option<Arc<Tenant>> {
+        self.tenants.load().get(id).cloned()
+    }
+}
+
+/// Current Unix time in seconds.
+pub fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}

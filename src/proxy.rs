@@ -1,0 +1,806 @@
+//! The HTTPS proxy: one `ProxyHttp` implementation whose `request_filter` decides, per the
+//! contract's table, whether a request is answered by the gateway (link redemption, confirm
+//! page, refusals) or forwarded with identity headers. Answers are written directly so the
+//! connection stays open (pingora's `respond_error` would close it).
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use http::header::{self, HeaderName, HeaderValue};
+use pingora::prelude::*;
+use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use pingora::ErrorType;
+use serde_json::{Map, Value};
+
+use crate::config::ConfirmMode;
+use crate::gateway::{now, Gateway, Tenant};
+use crate::link::{self, LinkContext, LinkError, ValidLink};
+use crate::metrics::Outcome;
+use crate::pages;
+use crate::session::{find_cookie, remove_cookie, SessionData, MAX_COOKIE_VALUE};
+use crate::tls::HandshakeSni;
+
+/// Path of the JWKS on every served host.
+pub const JWKS_PATH: &str = "/.well-known/linkgate/jwks.json";
+/// Largest request body drained to keep a connection after answering a link `POST`.
+const MAX_DRAIN_BYTES: usize = 16 * 1024;
+
+/// The gateway's HTTPS proxy.
+pub struct GatewayProxy {
+    gw: Arc<Gateway>,
+}
+
+impl GatewayProxy {
+    /// A proxy over the shared gateway state.
+    pub fn new(gw: Arc<Gateway>) -> Self {
+        Self { gw }
+    }
+}
+
+/// Per-request state.
+pub struct RequestCtx {
+    start: Instant,
+    tenant: Option<Arc<Tenant>>,
+    host: String,
+    outcome: Option<Outcome>,
+}
+
+/// A refusal of the contract's section 3 or 4 table.
+#[derive(Debug, Clone, Copy)]
+struct Refusal {
+    status: u16,
+    code: &'static str,
+    message: &'static str,
+}
+
+impl Refusal {
+    const HOST_MISMATCH: Refusal = Refusal {
+        status: 421,
+        code: "host_mismatch",
+        message: "This connection was opened for another host.",
+    };
+    const UNKNOWN_HOST: Refusal = Refusal {
+        status: 421,
+        code: "unknown_host",
+        message: "This host is not served here.",
+    };
+    const BAD_PATH: Refusal = Refusal {
+        status: 400,
+        code: "bad_path",
+        message: "The request path is not valid.",
+    };
+    const SESSION_REQUIRED: Refusal = Refusal {
+        status: 401,
+        code: "session_required",
+        message: "Sign in with your magic link to continue.",
+    };
+    const SESSION_INVALID: Refusal = Refusal {
+        status: 401,
+        code: "session_invalid",
+        message: "Your session is no longer valid. Sign in again with a new link.",
+    };
+    const FORBIDDEN_PATH: Refusal = Refusal {
+        status: 403,
+        code: "forbidden_path",
+        message: "Your session does not give access to this page.",
+    };
+    const UPSTREAM_UNAVAILABLE: Refusal = Refusal {
+        status: 502,
+        code: "upstream_unavailable",
+        message: "The application is not reachable right now. Try again shortly.",
+    };
+    const METHOD_NOT_ALLOWED: Refusal = Refusal {
+        status: 405,
+        code: "method_not_allowed",
+        message: "This method is not allowed here.",
+    };
+
+    fn link(e: LinkError) -> Refusal {
+        Refusal {
+            status: e.status(),
+            code: e.code(),
+            message: match e {
+                LinkError::Malformed => "The link is malformed.",
+                LinkError::BadSignature => "The link's signature is not valid.",
+                LinkError::Expired => "The link has expired. Ask for a new one.",
+                LinkError::NotYetValid => "The link is not valid yet.",
+                LinkError::WrongTenant => "The link belongs to another site.",
+                LinkError::BadRedirect => "The link's redirect target is not allowed.",
+                LinkError::Revoked => "The link has been revoked.",
+                LinkError::BindingMismatch => {
+                    "The link was issued for another device or network."
+                }
+                LinkError::Used => "The link has already been used. Ask for a new one.",
+            },
+        }
+    }
+}
+
+fn hv(s: &str) -> HeaderValue {
+    HeaderValue::from_str(s).unwrap_or_else(|_| HeaderValue::from_static(""))
+}
+
+/// Writes a complete response without closing the connection.
+async fn send(
+    session: &mut Session,
+    status: u16,
+    headers: &[(HeaderName, HeaderValue)],
+    body: Vec<u8>,
+) -> Result<()> {
+    let mut resp = ResponseHeader::build(status, Some(headers.len() + 2))?;
+    for (k, v) in headers {
+        resp.insert_header(k.clone(), v.clone())?;
+    }
+    resp.insert_header(header::CONTENT_LENGTH, body.len().to_string())?;
+    let head = session.req_header().method == http::Method::HEAD;
+    session.write_response_header(Box::new(resp), false).await?;
+    let body = if head { Bytes::new() } else { Bytes::from(body) };
+    session.write_response_body(Some(body), true).await?;
+    Ok(())
+}
+
+fn wants_html(session: &Session) -> bool {
+    session
+        .req_header()
+        .headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("text/html"))
+}
+
+/// Answers a refusal as JSON, or HTML when the client accepts it.
+async fn refuse(
+    session: &mut Session,
+    tenant: Option<&Tenant>,
+    r: Refusal,
+    ctx: &mut RequestCtx,
+) -> Result<bool> {
+    ctx.outcome = Some(Outcome::Rejected);
+    let (ctype, body) = if wants_html(session) {
+        let branding = tenant.and_then(|t| t.branding.as_ref());
+        let b = pages::error_page(branding, r.code, r.message);
+        let ct = HeaderValue::from_static("text/html; charset=utf-8");
+        (ct, b)
+    } else {
+        (
+            HeaderValue::from_static("application/json"),
+            pages::json_error(r.code, r.message),
+        )
+    };
+    let mut headers = vec![
+        (header::CONTENT_TYPE, ctype),
+        (header::CACHE_CONTROL, HeaderValue::from_static("no-store")),
+    ];
+    if r.status == 405 {
+        headers.push((header::ALLOW, HeaderValue::from_static("GET, HEAD, POST")));
+    }
+    if tenant.and_then(|t| t.branding.as_ref()).is_some() || wants_html(session) {
+        let with_img = tenant
+            .and_then(|t| t.branding.as_ref())
+            .is_some_and(|b| b.logo_url.is_some());
+        headers.push((
+            header::CONTENT_SECURITY_POLICY,
+            HeaderValue::from_static(pages::csp(with_img)),
+        ));
+    }
+    send(session, r.status, &headers, body).await?;
+    Ok(true)
+}
+
+/// `Host` (or `:authority`) lower-cased, port removed.
+fn request_host(session: &Session) -> Option<String> {
+    let req = session.req_header();
+    let raw = req
+        .uri
+        .authority()
+        .map(|a| a.as_str())
+        .or_else(|| req.headers.get(header::HOST).and_then(|h| h.to_str().ok()))?;
+    let (name, _) = crate::mint::split_host_port(raw);
+    let name = name.trim_end_matches('.');
+    (!name.is_empty()).then(|| name.to_ascii_lowercase())
+}
+
+fn client_ip(session: &Session) -> Option<IpAddr> {
+    session
+        .client_addr()
+        .and_then(|a| a.as_inet())
+        .map(|a| link::canonical_ip(a.ip()))
+}
+
+/// Removes client-sent identity headers (`X-Linkgate-*` and the tenant's `headers` names,
+/// compared case-insensitively with `_` as `-`) and `X-Forwarded-*`.
+fn strip_identity_headers(req: &mut RequestHeader, tenant: &Tenant) {
+    let doomed: Vec<HeaderName> = req
+        .headers
+        .keys()
+        .filter(|name| {
+            let n = name.as_str();
+            let dashed = |i: usize, c: u8| {
+                let b = n.as_bytes().get(i).copied();
+                b == Some(c) || (c == b'-' && b == Some(b'_'))
+            };
+            let starts_linkgate = n.len() >= 11
+                && b"x-linkgate-".iter().enumerate().all(|(i, c)| dashed(i, *c));
+            let starts_forwarded = n.len() >= 12
+                && b"x-forwarded-".iter().enumerate().all(|(i, c)| dashed(i, *c));
+            starts_linkgate
+                || starts_forwarded
+                || n == "forwarded"
+                || tenant.strip_names.iter().any(|s| {
+                    s.len() == n.len()
+                        && s.bytes().enumerate().all(|(i, c)| dashed(i, c))
+                })
+        })
+        .cloned()
+        .collect();
+    for name in doomed {
+        req.remove_header(&name);
+    }
+}
+
+/// The magic-link token of a request, and whether it came in the path form.
+fn find_token(path: &str, query: Option<&str>) -> Option<(String, bool)> {
+    if let Some(t) = path.strip_prefix("/login/") {
+        if !t.is_empty() {
+            return Some((t.to_string(), true));
+        }
+    }
+    let q = query?;
+    if !q.contains("magic_link") {
+        return None;
+    }
+    form_urlencoded::parse(q.as_bytes())
+        .find(|(k, _)| k == "magic_link")
+        .map(|(_, v)| (v.into_owned(), false))
+}
+
+/// `query` without any `magic_link` parameter (other parameters kept as sent).
+fn query_without_token(query: Option<&str>) -> Option<String> {
+    let q = query?;
+    let kept: Vec<&str> = q
+        .split('&')
+        .filter(|pair| {
+            let key = pair.split_once('=').map_or(*pair, |(k, _)| k);
+            !pair.is_empty()
+                && percent_encoding::percent_decode_str(key).decode_utf8_lossy() != "magic_link"
+        })
+        .collect();
+    (!kept.is_empty()).then(|| kept.join("&"))
+}
+
+fn claim_header_value(v: &Value) -> Option<HeaderValue> {
+    let s = match v {
+        Value::String(s) => s.clone(),
+        Value::Null => return None,
+        Value::Bool(_) | Value::Number(_) => v.to_string(),
+        other => other.to_string(),
+    };
+    HeaderValue::from_bytes(s.as_bytes()).ok()
+}
+
+impl GatewayProxy {
+    async fn handle(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        let gw = &self.gw;
+        let host = request_host(session);
+        let sni = session
+            .digest()
+            .and_then(|d| d.ssl_digest.as_ref())
+            .and_then(|d| d.extension.get::<HandshakeSni>());
+        let Some(host) = host else {
+            return refuse(session, None, Refusal::UNKNOWN_HOST, ctx).await;
+        };
+        match sni {
+            Some(sni) if *sni.0 != *host => {
+                return refuse(session, None, Refusal::HOST_MISMATCH, ctx).await;
+            }
+            Some(_) => {}
+            None => return refuse(session, None, Refusal::UNKNOWN_HOST, ctx).await,
+        }
+        let Some(tenant) = gw.tenant_for_host(&host) else {
+            return refuse(session, None, Refusal::UNKNOWN_HOST, ctx).await;
+        };
+        ctx.host = host;
+        ctx.tenant = Some(tenant.clone());
+        strip_identity_headers(session.req_header_mut(), &tenant);
+
+        let raw_path = session.req_header().uri.path().to_string();
+        let query = session.req_header().uri.query().map(str::to_string);
+        let path = match crate::paths::normalize(&raw_path) {
+            Ok(p) => p,
+            Err(_) => return refuse(session, Some(&tenant), Refusal::BAD_PATH, ctx).await,
+        };
+
+        if path == JWKS_PATH {
+            ctx.outcome = Some(Outcome::Public);
+            let headers = [
+                (header::CONTENT_TYPE, HeaderValue::from_static("application/json")),
+                (header::CACHE_CONTROL, HeaderValue::from_static("public, max-age=300")),
+            ];
+            send(session, 200, &headers, gw.signer.jwks().to_vec()).await?;
+            return Ok(true);
+        }
+
+        if let Some((token, path_form)) = find_token(&path, query.as_deref()) {
+            return self
+                .handle_link(session, ctx, &tenant, &token, path_form, &path, query.as_deref())
+                .await;
+        }
+
+        let public = tenant.is_public(&path);
+        let session_data = if public {
+            None
+        } else {
+            match self.session_from_cookie(session, &tenant).await {
+                Ok(s) => Some(s),
+                Err(r) => {
+                    if let Some(login) = &tenant.login_url {
+                        ctx.outcome = Some(Outcome::Rejected);
+                        let headers = [
+                            (header::LOCATION, hv(login)),
+                            (header::CACHE_CONTROL, HeaderValue::from_static("no-store")),
+                        ];
+                        send(session, 302, &headers, Vec::new()).await?;
+                        return Ok(true);
+                    }
+                    return refuse(session, Some(&tenant), r, ctx).await;
+                }
+            }
+        };
+
+        if let Some((data, session_id, claims)) = &session_data {
+            if let Some(Value::Array(allowed)) = claims.get("paths") {
+                let ok = allowed.iter().any(|p| {
+                    p.as_str()
+                        .is_some_and(|p| crate::paths::prefix_matches(p, &path))
+                });
+                if !ok {
+                    return refuse(session, Some(&tenant), Refusal::FORBIDDEN_PATH, ctx).await;
+                }
+            }
+            let now = now();
+            let assertion = gw.signer.assertion(*session_id, &ctx.host, &tenant.id, now, || {
+                let mut c = (**claims).clone();
+                c.insert("sub".into(), data.subject.clone().into());
+                c
+            });
+            let req = session.req_header_mut();
+            for (claim, name) in &tenant.headers {
+                let value = if claim == "sub" {
+                    HeaderValue::from_bytes(data.subject.as_bytes()).ok()
+                } else {
+                    claims.get(claim).and_then(claim_header_value)
+                };
+                if let Some(v) = value {
+                    req.insert_header(name.clone(), v)?;
+                }
+            }
+            req.insert_header("x-linkgate-tenant", hv(&tenant.id))?;
+            req.insert_header("x-linkgate-assertion", hv(&assertion))?;
+        }
+
+        // Forward: session cookie removed, X-Forwarded-* set, normalised path.
+        let ip = client_ip(session);
+        let cookie_name = &gw.cookie_name;
+        let req = session.req_header_mut();
+        if let Some(c) = req.headers.get(header::COOKIE).and_then(|c| c.to_str().ok()) {
+            if find_cookie(c, cookie_name).is_some() {
+                match remove_cookie(c, cookie_name) {
+                    Some(rest) => {
+                        req.insert_header(header::COOKIE, hv(&rest))?;
+                    }
+                    None => {
+                        req.remove_header(&header::COOKIE);
+                    }
+                }
+            }
+        }
+        if let Some(ip) = ip {
+            req.insert_header("x-forwarded-for", hv(&ip.to_string()))?;
+        }
+        req.insert_header("x-forwarded-proto", HeaderValue::from_static("https"))?;
+        req.insert_header("x-forwarded-host", hv(&ctx.host))?;
+        if path != raw_path {
+            let pq = match &query {
+                Some(q) => format!("{path}?{q}"),
+                None => path.clone(),
+            };
+            let uri = http::Uri::builder()
+                .path_and_query(pq)
+                .build()
+                .map_err(|_| Error::explain(ErrorType::InvalidHTTPHeader, "bad path"))?;
+            req.set_uri(uri);
+        }
+        ctx.outcome = Some(if public && session_data.is_none() {
+            Outcome::Public
+        } else {
+            Outcome::Forwarded
+        });
+        Ok(false)
+    }
+
+    /// Opens and checks the session cookie for `tenant`.
+    async fn session_from_cookie(
+        &self,
+        session: &Session,
+        tenant: &Tenant,
+    ) -> std::result::Result<(SessionData, [u8; 16], Arc<Map<String, Value>>), Refusal> {
+        let gw = &self.gw;
+        let value = session
+            .req_header()
+            .headers
+            .get_all(header::COOKIE)
+            .iter()
+            .filter_map(|c| c.to_str().ok())
+            .find_map(|c| find_cookie(c, &gw.cookie_name))
+            .ok_or(Refusal::SESSION_REQUIRED)?;
+        let now = now();
+        let (data, id) = gw
+            .sealer
+            .open(value, now)
+            .map_err(|_| Refusal::SESSION_INVALID)?;
+        if data.tenant != tenant.id
+            || gw
+                .revocations
+                .is_revoked(&data.tenant, &data.subject, data.jti.as_deref(), data.iat)
+        {
+            return Err(Refusal::SESSION_INVALID);
+        }
+        let claims = match (&data.claims, &data.claims_ref) {
+            (Some(c), _) => Arc::new(c.clone()),
+            (None, Some(r)) => match gw.claims_cache.get(r) {
+                Some(c) => c.clone(),
+                None => {
+                    let json = gw
+                        .store
+                        .session_claims(r, now)
+                        .await
+                        .ok()
+                        .flatten()
+                        .ok_or(Refusal::SESSION_INVALID)?;
+                    let c: Map<String, Value> =
+                        serde_json::from_str(&json).map_err(|_| Refusal::SESSION_INVALID)?;
+                    let c = Arc::new(c);
+                    gw.claims_cache.insert(r.clone(), c.clone());
+                    c
+                }
+            },
+            (None, None) => Arc::new(Map::new()),
+        };
+        Ok((data, id, claims))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn handle_link(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        tenant: &Arc<Tenant>,
+        token: &str,
+        path_form: bool,
+        path: &str,
+        query: Option<&str>,
+    ) -> Result<bool> {
+        let gw = &self.gw;
+        let method = session.req_header().method.clone();
+        let is_get = method == http::Method::GET || method == http::Method::HEAD;
+        if !is_get && method != http::Method::POST {
+            return refuse(session, Some(tenant), Refusal::METHOD_NOT_ALLOWED, ctx).await;
+        }
+        if method == http::Method::POST {
+            self.drain_small_body(session).await;
+        }
+        let ua = session
+            .req_header()
+            .headers
+            .get(header::USER_AGENT)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let lctx = LinkContext {
+            tenant: &tenant.id,
+            client_ip: client_ip(session),
+            user_agent: ua.as_deref(),
+            now: now(),
+        };
+        let link = match link::validate(token, &tenant.keys, &lctx, &gw.revocations) {
+            Ok(l) => l,
+            Err(e) => {
+                gw.metrics.link_validation(e.index());
+                return refuse(session, Some(tenant), Refusal::link(e), ctx).await;
+            }
+        };
+        // 10. One-time links: GET/HEAD look, only a redeeming request consumes.
+        let needs_confirm = is_get
+            && match tenant.confirm {
+                ConfirmMode::Always => true,
+                ConfirmMode::OneTime => link.one_time,
+                ConfirmMode::Never => false,
+            };
+        if link.one_time {
+            let jti = link.jti.as_deref().unwrap_or_default();
+            let fresh = if needs_confirm {
+                gw.store.is_redeemed(jti).await.map(|used| !used)
+            } else {
+                gw.store.redeem_once(jti, &tenant.id, link.exp).await
+            };
+            match fresh {
+                Ok(true) => {}
+                Ok(false) => {
+                    gw.metrics.link_validation(LinkError::Used.index());
+                    return refuse(session, Some(tenant), Refusal::link(LinkError::Used), ctx)
+                        .await;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "store unavailable while redeeming a link");
+                    return Err(Error::explain(ErrorType::InternalError, "store unavailable"));
+                }
+            }
+        }
+        gw.metrics.link_validation(0);
+        if needs_confirm {
+            ctx.outcome = Some(Outcome::ConfirmPage);
+            let branding = tenant.branding.as_ref();
+            let with_img = branding.is_some_and(|b| b.logo_url.is_some());
+            let headers = [
+                (header::CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8")),
+                (header::CACHE_CONTROL, HeaderValue::from_static("no-store")),
+                (header::REFERRER_POLICY, HeaderValue::from_static("no-referrer")),
+                (HeaderName::from_static("x-robots-tag"), HeaderValue::from_static("noindex")),
+                (
+                    header::CONTENT_SECURITY_POLICY,
+                    HeaderValue::from_static(pages::csp(with_img)),
+                ),
+            ];
+            send(session, 200, &headers, pages::confirm_page(branding)).await?;
+            return Ok(true);
+        }
+        let cookie = self.create_session(tenant, &link).await?;
+        let location = match &link.redirect {
+            Some(r) => r.clone(),
+            None if path_form => "/".to_string(),
+            None => match query_without_token(query) {
+                Some(q) => format!("{path}?{q}"),
+                None => path.to_string(),
+            },
+        };
+        let ttl = tenant.session_ttl.as_secs();
+        let set_cookie = format!(
+            "{}={cookie}; Path=/; Max-Age={ttl}; Secure; HttpOnly; SameSite=Lax",
+            gw.cookie_name
+        );
+        let headers = [
+            (header::LOCATION, hv(&location)),
+            (header::SET_COOKIE, hv(&set_cookie)),
+            (header::CACHE_CONTROL, HeaderValue::from_static("no-store")),
+            (header::REFERRER_POLICY, HeaderValue::from_static("no-referrer")),
+        ];
+        ctx.outcome = Some(Outcome::Redeemed);
+        gw.metrics.sessions_created.inc();
+        tracing::info!(tenant = %tenant.id, host = %ctx.host, jti = link.jti.as_deref().unwrap_or("-"), "link redeemed");
+        send(session, 303, &headers, Vec::new()).await?;
+        Ok(true)
+    }
+
+    /// Seals a session for `link`; claims that would overflow the cookie go to the store.
+    async fn create_session(&self, tenant: &Tenant, link: &ValidLink) -> Result<String> {
+        let gw = &self.gw;
+        let mut claims = link.claims.clone();
+        for k in ["exp", "nbf", "iat"] {
+            claims.remove(k);
+        }
+        let expires_at = now() + tenant.session_ttl.as_secs() as i64;
+        let mut data = SessionData {
+            tenant: tenant.id.clone(),
+            subject: link.subject.clone(),
+            jti: link.jti.clone(),
+            iat: link.iat,
+            expires_at,
+            claims: Some(claims),
+            claims_ref: None,
+        };
+        let sealed = gw.sealer.seal(&data);
+        if sealed.len() <= MAX_COOKIE_VALUE {
+            return Ok(sealed);
+        }
+        let claims = data.claims.take().unwrap_or_default();
+        let id = base64::Engine::encode(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+            rand::random::<[u8; 18]>(),
+        );
+        let json = serde_json::to_string(&claims)
+            .map_err(|_| Error::explain(ErrorType::InternalError, "claims serialization"))?;
+        gw.store
+            .put_session_claims(&id, &tenant.id, &json, expires_at)
+            .await
+            .map_err(|e| {
+                tracing::error!(error = %e, "cannot store session claims");
+                Error::explain(ErrorType::InternalError, "store unavailable")
+            })?;
+        gw.claims_cache.insert(id.clone(), Arc::new(claims));
+        data.claims_ref = Some(id);
+        Ok(gw.sealer.seal(&data))
+    }
+
+    /// Reads a small request body so the connection can be reused; large ones close it.
+    async fn drain_small_body(&self, session: &mut Session) {
+        let len = session
+            .req_header()
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<usize>().ok());
+        match len {
+            Some(n) if n <= MAX_DRAIN_BYTES => {
+                if session.drain_request_body().await.is_err() {
+                    session.set_keepalive(None);
+                }
+            }
+            Some(_) | None if session.is_body_empty() => {}
+            _ => session.set_keepalive(None),
+        }
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for GatewayProxy {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> RequestCtx {
+        RequestCtx {
+            start: Instant::now(),
+            tenant: None,
+            host: String::new(),
+            outcome: None,
+        }
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        self.handle(session, ctx).await
+    }
+
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<Box<HttpPeer>> {
+        let tenant = ctx
+            .tenant
+            .as_ref()
+            .ok_or_else(|| Error::explain(ErrorType::InternalError, "no tenant"))?;
+        let backend = tenant
+            .upstream
+            .select(b"", 256)
+            .ok_or_else(|| Error::explain(ErrorType::ConnectNoRoute, "no healthy upstream"))?;
+        let mut peer = HttpPeer::new(backend.addr, tenant.upstream_tls, ctx.host.clone());
+        peer.options.connection_timeout = Some(std::time::Duration::from_secs(5));
+        peer.options.idle_timeout = Some(std::time::Duration::from_secs(60));
+        Ok(Box::new(peer))
+    }
+
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        ctx: &mut RequestCtx,
+    ) -> FailToProxy {
+        let code = match e.esource() {
+            pingora::ErrorSource::Downstream => 0,
+            _ => 502,
+        };
+        if code == 0 {
+            return FailToProxy {
+                error_code: 0,
+                can_reuse_downstream: false,
+            };
+        }
+        self.gw.metrics.upstream_errors.inc();
+        tracing::warn!(tenant = ctx.tenant.as_ref().map(|t| t.id.as_str()).unwrap_or("-"), error = ?e.etype(), "upstream unavailable");
+        let tenant = ctx.tenant.clone();
+        let written = session.response_written().is_some();
+        let ok = !written
+            && refuse(session, tenant.as_deref(), Refusal::UPSTREAM_UNAVAILABLE, ctx)
+                .await
+                .is_ok();
+        ctx.outcome = Some(Outcome::Rejected);
+        FailToProxy {
+            error_code: 502,
+            can_reuse_downstream: ok,
+        }
+    }
+
+    async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
+        let m = &self.gw.metrics;
+        m.request_duration
+            .observe(ctx.start.elapsed().as_secs_f64());
+        m.request(ctx.outcome.unwrap_or(Outcome::Rejected));
+        tracing::debug!(
+            method = %session.req_header().method,
+            host = %ctx.host,
+            status = session.response_written().map(|r| r.status.as_u16()).unwrap_or(0),
+            outcome = ?ctx.outcome,
+            "request"
+        );
+    }
+
+    /// Never includes the URI: it may carry a magic-link token.
+    fn request_summary(&self, session: &Session, ctx: &RequestCtx) -> String {
+        format!("{} host={}", session.req_header().method, ctx.host)
+    }
+
+    fn suppress_error_log(&self, _session: &Session, _ctx: &RequestCtx, _error: &Error) -> bool {
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_found_in_path_or_query() {
+        assert_eq!(find_token("/login/abc", None), Some(("abc".into(), true)));
+        assert_eq!(
+            find_token("/x", Some("a=1&magic_link=tok&b=2")),
+            Some(("tok".into(), false))
+        );
+        assert_eq!(
+            find_token("/login/p", Some("magic_link=q")),
+            Some(("p".into(), true))
+        );
+        assert_eq!(find_token("/login/", None), None);
+        assert_eq!(find_token("/x", Some("a=1")), None);
+    }
+
+    #[test]
+    fn token_removed_from_query() {
+        assert_eq!(
+            query_without_token(Some("a=1&magic_link=t&b=%20")).as_deref(),
+            Some("a=1&b=%20")
+        );
+        assert_eq!(query_without_token(Some("magic_link=t")), None);
+        assert_eq!(query_without_token(Some("magic%5Flink=t")), None);
+    }
+
+    #[test]
+    fn identity_headers_stripped() {
+        use crate::config::{ConfirmMode, KeyAlg, KeyConfig, KeyMaterial, Secret, TenantConfig};
+        let t = Tenant::new(&TenantConfig {
+            id: "acme".into(),
+            upstream: vec!["127.0.0.1:1".parse().unwrap()],
+            upstream_tls: false,
+            public_paths: vec![],
+            login_url: None,
+            confirm: ConfirmMode::OneTime,
+            session_ttl: std::time::Duration::from_secs(60),
+            headers: vec![("email".into(), "Remote-Email".into())],
+            keys: vec![KeyConfig {
+                kid: "k".into(),
+                alg: KeyAlg::HS256,
+                material: KeyMaterial::Secret(Secret(vec![0; 32])),
+            }],
+            branding: None,
+            webhooks: vec![],
+        })
+        .unwrap();
+        let mut req = RequestHeader::build("GET", b"/", None).unwrap();
+        for h in [
+            "X-Linkgate-Subject",
+            "x_linkgate_subject",
+            "X-LINKGATE-EMAIL",
+            "remote_email",
+            "X-Forwarded-For",
+            "x_forwarded_host",
+            "Forwarded",
+        ] {
+            req.append_header(h.to_string(), "forged").unwrap();
+        }
+        req.append_header("x-linkgatex", "kept").unwrap();
+        req.append_header("accept", "kept").unwrap();
+        strip_identity_headers(&mut req, &t);
+        let mut left: Vec<&str> = req.headers.keys().map(|k| k.as_str()).collect();
+        left.sort();
+        assert_eq!(left, vec!["accept", "x-linkgatex"]);
+    }
+}

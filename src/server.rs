@@ -1,0 +1,294 @@
+//! `linkgate serve`: builds the shared state from a validated [`Config`], then runs the
+//! HTTPS proxy, the HTTP listener, the admin listener and the background tasks on pingora.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use dashmap::DashMap;
+use pingora::listeners::tls::TlsSettings;
+use pingora::server::configuration::{Opt, ServerConf};
+use pingora::server::{Server, ShutdownWatch};
+use pingora::services::background::{background_service, BackgroundService};
+use pingora::services::listening::Service;
+
+use crate::admin::AdminApi;
+use crate::assertion::AssertionSigner;
+use crate::config::{Config, StoreUrl};
+use crate::gateway::{now, Gateway, Tenant};
+use crate::metrics::Metrics;
+use crate::proxy::GatewayProxy;
+use crate::redirect::HttpRedirect;
+use crate::revocation::Revocations;
+use crate::session::SessionSealer;
+use crate::store::{SqliteStore, Store};
+use crate::tls::{certified_key_from_pem, CertStore, HandshakeCallbacks, SniResolver};
+
+/// Builds the tenants of `config`.
+fn build_tenants(config: &Config) -> anyhow::Result<HashMap<String, Arc<Tenant>>> {
+    config
+        .tenants
+        .iter()
+        .map(|t| {
+            Tenant::new(t)
+                .map(|rt| (t.id.clone(), Arc::new(rt)))
+                .with_context(|| format!("tenant {}", t.id))
+        })
+        .collect()
+}
+
+/// Publishes the static certificates and the configured domains' hosts.
+fn install_static(
+    config: &Config,
+    certs: &CertStore,
+    hosts: &DashMap<String, Arc<str>>,
+    metrics: &Metrics,
+) -> anyhow::Result<()> {
+    for c in &config.certificates {
+        let loaded = Arc::new(
+            certified_key_from_pem(&c.cert_pem, &c.key_pem.0)
+                .with_context(|| format!("certificate {}", c.cert_file.display()))?,
+        );
+        for h in &c.hostnames {
+            certs.insert(h, loaded.clone())?;
+            metrics
+                .certificate_expiry
+                .with_label_values(&[h])
+                .set(loaded.not_after);
+        }
+    }
+    for d in &config.domains {
+        hosts.insert(d.hostname.clone(), Arc::from(d.tenant.as_str()));
+    }
+    Ok(())
+}
+
+/// Opens the store and prepares everything the services share.
+pub async fn build_gateway(config: Config, metrics: Arc<Metrics>) -> anyhow::Result<Arc<Gateway>> {
+    let store: Arc<dyn Store> = match &config.store {
+        StoreUrl::Sqlite(path) => Arc::new(
+            SqliteStore::open(path)
+                .with_context(|| format!("opening the store at {}", path.display()))?,
+        ),
+    };
+    let revocations = Revocations::default();
+    for (_, r) in store.revocations_since(0).await? {
+        revocations.apply(&r);
+    }
+    metrics.revocations.set(revocations.len() as i64);
+    let (kid, der) = crate::assertion::generate_key()?;
+    let (kid, der) = store.signing_key(&kid, &der).await?;
+    let signer = AssertionSigner::new(kid, &der)?;
+    let certs = Arc::new(CertStore::default());
+    let hosts = DashMap::new();
+    install_static(&config, &certs, &hosts, &metrics)?;
+    let tenants = build_tenants(&config)?;
+    let gw = Gateway {
+        cookie_name: config.session.cookie_name.clone(),
+        sealer: SessionSealer::new(&config.session.secret.0),
+        https_port: config.server.https_listen.port(),
+        tenants: ArcSwap::from_pointee(tenants),
+        hosts,
+        certs,
+        revocations,
+        store,
+        signer,
+        metrics,
+        acme_challenges: DashMap::new(),
+        claims_cache: DashMap::new(),
+        ready: AtomicBool::new(false),
+        config: ArcSwap::from_pointee(config),
+    };
+    Ok(Arc::new(gw))
+}
+
+/// Re-reads the configuration file and swaps tenants, keys, hosts and static certificates
+/// in place. Settings that need a restart (listeners, store, session secret) are reported.
+pub fn reload(gw: &Gateway) -> Result<(), Vec<String>> {
+    let path = gw.config.load().path.clone();
+    let new = Config::load(&path).map_err(|e| e.problems)?;
+    let old = gw.config.load();
+    let mut restart = Vec::new();
+    if new.server.https_listen != old.server.https_listen
+        || new.server.http_listen != old.server.http_listen
+        || new.server.admin_listen != old.server.admin_listen
+    {
+        restart.push("server listeners");
+    }
+    if new.store != old.store {
+        restart.push("store.url");
+    }
+    if new.session.secret.0 != old.session.secret.0 || new.session.cookie_name != old.session.cookie_name {
+        restart.push("session");
+    }
+    if !restart.is_empty() {
+        return Err(vec![format!(
+            "changes to {} need a restart; nothing was reloaded",
+            restart.join(", ")
+        )]);
+    }
+    let tenants = build_tenants(&new).map_err(|e| vec![format!("{e:#}")])?;
+    let certs = CertStore::default();
+    let hosts = DashMap::new();
+    install_static(&new, &certs, &hosts, &gw.metrics).map_err(|e| vec![format!("{e:#}")])?;
+    // Publish: new names first, then drop the ones no longer configured.
+    for h in hosts.iter() {
+        if let Some(c) = certs.get(h.key()) {
+            let _ = gw.certs.insert(h.key(), c);
+        }
+    }
+    for c in &new.certificates {
+        for h in &c.hostnames {
+            if let Some(cert) = certs.get(h) {
+                let _ = gw.certs.insert(h, cert);
+            }
+        }
+    }
+    for c in &old.certificates {
+        for h in &c.hostnames {
+            if !certs.contains(h) {
+                gw.certs.remove(h);
+                let _ = gw.metrics.certificate_expiry.remove_label_values(&[h]);
+            }
+        }
+    }
+    gw.tenants.store(Arc::new(tenants));
+    gw.hosts.retain(|k, _| hosts.contains_key(k));
+    for (k, v) in hosts {
+        gw.hosts.insert(k, v);
+    }
+    gw.config.store(Arc::new(new));
+    Ok(())
+}
+
+/// Background work: revocations from the store every second (other nodes' too), upstream
+/// health checks, pruning, readiness, and SIGHUP reloads.
+struct Housekeeping {
+    gw: Arc<Gateway>,
+    listeners: [SocketAddr; 3],
+}
+
+/// True when every listener address is taken (by this process's listeners): probing by
+/// binding opens no connection, so it shows in no handshake metric.
+fn listeners_bound(addrs: &[SocketAddr]) -> bool {
+    addrs.iter().all(|a| {
+        matches!(std::net::TcpListener::bind(a), Err(e) if e.kind() == std::io::ErrorKind::AddrInUse)
+    })
+}
+
+#[async_trait]
+impl BackgroundService for Housekeeping {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let gw = &self.gw;
+        let mut last_revocation = 0i64;
+        if let Ok(all) = gw.store.revocations_since(0).await {
+            last_revocation = all.last().map(|(id, _)| *id).unwrap_or(0);
+        }
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+        let mut seconds = 0u64;
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = async { match hup.as_mut() { Some(h) => { h.recv().await; } None => std::future::pending().await } } => {
+                    match reload(gw) {
+                        Ok(()) => tracing::info!("configuration reloaded"),
+                        Err(problems) => {
+                            for p in problems {
+                                tracing::error!(problem = %p, "configuration not reloaded");
+                            }
+                        }
+                    }
+                    continue;
+                }
+                _ = tick.tick() => {}
+            }
+            seconds += 1;
+            if !gw.ready.load(Ordering::Acquire) && listeners_bound(&self.listeners) {
+                gw.ready.store(true, Ordering::Release);
+                tracing::info!("listeners bound; ready");
+            }
+            match gw.store.revocations_since(last_revocation).await {
+                Ok(new) => {
+                    for (id, r) in new {
+                        gw.revocations.apply(&r);
+                        last_revocation = id;
+                    }
+                    gw.metrics.revocations.set(gw.revocations.len() as i64);
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot read revocations"),
+            }
+            if seconds % 5 == 1 {
+                let tenants = gw.tenants.load_full();
+                for t in tenants.values() {
+                    t.upstream.backends().run_health_check(true).await;
+                }
+            }
+            if seconds % 3600 == 0 {
+                if let Err(e) = gw.store.prune(now()).await {
+                    tracing::warn!(error = %e, "pruning the store failed");
+                }
+                gw.claims_cache.clear();
+            }
+        }
+    }
+}
+
+/// Runs the gateway until SIGTERM/SIGINT; never returns on success.
+pub fn serve(config: Config, metrics: Arc<Metrics>, extra: Vec<Box<dyn pingora::services::ServiceWithDependents>>) -> anyhow::Result<()> {
+    let startup = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let https = config.server.https_listen;
+    let http_addr = config.server.http_listen;
+    let admin = config.server.admin_listen;
+    let threads = match config.server.threads {
+        0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        n => n,
+    };
+    let gw = startup.block_on(build_gateway(config, metrics))?;
+    drop(startup);
+
+    let conf = ServerConf {
+        threads,
+        grace_period_seconds: Some(0),
+        graceful_shutdown_timeout_seconds: Some(10),
+        ..ServerConf::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(Opt::default(), conf);
+    server.bootstrap();
+
+    let mut proxy =
+        pingora::proxy::http_proxy_service(&server.configuration, GatewayProxy::new(gw.clone()));
+    let mut tls = TlsSettings::with_callbacks(Box::new(HandshakeCallbacks::new(gw.metrics.clone())))?;
+    tls.set_cert_resolver(Arc::new(SniResolver::new(gw.certs.clone(), gw.metrics.clone())));
+    tls.enable_h2();
+    proxy.add_tls_with_settings(&https.to_string(), None, tls);
+
+    let mut http = Service::new("http".to_string(), HttpRedirect::new(gw.clone()));
+    http.add_tcp(&http_addr.to_string());
+    let mut admin_svc = Service::new("admin".to_string(), AdminApi::new(gw.clone()));
+    admin_svc.add_tcp(&admin.to_string());
+    let housekeeping = background_service(
+        "housekeeping",
+        Housekeeping {
+            gw: gw.clone(),
+            listeners: [https, http_addr, admin],
+        },
+    );
+
+    server.add_service(proxy);
+    server.add_service(http);
+    server.add_service(admin_svc);
+    server.add_service(housekeeping);
+    for s in extra {
+        server.add_boxed_service(s);
+    }
+    tracing::info!(%https, http = %http_addr, %admin, threads, "linkgate starting");
+    server.run_forever()
+}

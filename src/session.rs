@@ -1,0 +1,178 @@
+//! Session cookies: an authenticated encryption (XChaCha20-Poly1305) of the session's
+//! tenant, subject, link `jti`/`iat`, expiry and claims under a key derived from
+//! `[session].secret`. Only the gateway can produce or read one. Claims too large for a
+//! cookie are kept server-side and the cookie carries their id.
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+use chacha20poly1305::{XChaCha20Poly1305, XNonce};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// Largest cookie value the gateway sets (browsers drop cookies over 4 KiB in all).
+pub const MAX_COOKIE_VALUE: usize = 3600;
+const NONCE_LEN: usize = 24;
+const AAD: &[u8] = b"linkgate session v1";
+
+/// Why a cookie was not accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum SessionError {
+    #[error("the session cookie is not one this gateway issued")]
+    Invalid,
+    #[error("the session has expired")]
+    Expired,
+}
+
+/// What a session cookie binds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SessionData {
+    /// Tenant id.
+    #[serde(rename = "t")]
+    pub tenant: String,
+    /// Subject.
+    #[serde(rename = "s")]
+    pub subject: String,
+    /// The link's `jti`.
+    #[serde(rename = "j", default, skip_serializing_if = "Option::is_none")]
+    pub jti: Option<String>,
+    /// The link's `iat` (0 when absent).
+    #[serde(rename = "i")]
+    pub iat: i64,
+    /// Session expiry, Unix seconds.
+    #[serde(rename = "e")]
+    pub expires_at: i64,
+    /// The link's claims, when small enough to travel in the cookie.
+    #[serde(rename = "c", default, skip_serializing_if = "Option::is_none")]
+    pub claims: Option<Map<String, Value>>,
+    /// Id of server-side claims, when too large for the cookie.
+    #[serde(rename = "r", default, skip_serializing_if = "Option::is_none")]
+    pub claims_ref: Option<String>,
+}
+
+/// Seals and opens session cookies.
+pub struct SessionSealer {
+    cipher: XChaCha20Poly1305,
+}
+
+impl SessionSealer {
+    /// Derives the cookie key from the session secret (HKDF-SHA256).
+    pub fn new(secret: &[u8]) -> Self {
+        let hk = hkdf::Hkdf::<sha2::Sha256>::new(Some(b"linkgate"), secret);
+        let mut key = [0u8; 32];
+        hk.expand(b"session cookie v1", &mut key)
+            .expect("32 bytes is a valid HKDF length");
+        Self {
+            cipher: XChaCha20Poly1305::new(&key.into()),
+        }
+    }
+
+    /// The cookie value for `data`.
+    pub fn seal(&self, data: &SessionData) -> String {
+        let plain = serde_json::to_vec(data).expect("session data serializes");
+        let nonce_bytes: [u8; NONCE_LEN] = rand::random();
+        let nonce = XNonce::from_slice(&nonce_bytes);
+        let ct = self
+            .cipher
+            .encrypt(nonce, Payload { msg: &plain, aad: AAD })
+            .expect("encryption of in-memory data cannot fail");
+        let mut raw = Vec::with_capacity(NONCE_LEN + ct.len());
+        raw.extend_from_slice(&nonce_bytes);
+        raw.extend_from_slice(&ct);
+        URL_SAFE_NO_PAD.encode(raw)
+    }
+
+    /// Opens a cookie value, checking integrity and expiry at `now`. Also returns an id
+    /// unique to this cookie (from its random nonce), for caches keyed by session.
+    pub fn open(&self, value: &str, now: i64) -> Result<(SessionData, [u8; 16]), SessionError> {
+        if value.len() > MAX_COOKIE_VALUE + 64 {
+            return Err(SessionError::Invalid);
+        }
+        let raw = URL_SAFE_NO_PAD
+            .decode(value)
+            .map_err(|_| SessionError::Invalid)?;
+        if raw.len() < NONCE_LEN + 16 {
+            return Err(SessionError::Invalid);
+        }
+        let (nonce, ct) = raw.split_at(NONCE_LEN);
+        let plain = self
+            .cipher
+            .decrypt(XNonce::from_slice(nonce), Payload { msg: ct, aad: AAD })
+            .map_err(|_| SessionError::Invalid)?;
+        let data: SessionData =
+            serde_json::from_slice(&plain).map_err(|_| SessionError::Invalid)?;
+        if data.expires_at <= now {
+            return Err(SessionError::Expired);
+        }
+        let mut id = [0u8; 16];
+        id.copy_from_slice(&nonce[..16]);
+        Ok((data, id))
+    }
+}
+
+/// The value of cookie `name` in a `Cookie` header, if present.
+pub fn find_cookie<'a>(header: &'a str, name: &str) -> Option<&'a str> {
+    header.split(';').find_map(|pair| {
+        let (k, v) = pair.trim().split_once('=')?;
+        (k == name).then_some(v.trim())
+    })
+}
+
+/// The `Cookie` header with cookie `name` removed; `None` when nothing else remains.
+pub fn remove_cookie(header: &str, name: &str) -> Option<String> {
+    let kept: Vec<&str> = header
+        .split(';')
+        .map(str::trim)
+        .filter(|p| !p.is_empty() && p.split_once('=').map_or(*p, |(k, _)| k) != name)
+        .collect();
+    (!kept.is_empty()).then(|| kept.join("; "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data() -> SessionData {
+        let mut claims = Map::new();
+        claims.insert("email".into(), "a@b.c".into());
+        SessionData {
+            tenant: "acme".into(),
+            subject: "u1".into(),
+            jti: Some("j".into()),
+            iat: 10,
+            expires_at: 1000,
+            claims: Some(claims),
+            claims_ref: None,
+        }
+    }
+
+    #[test]
+    fn seal_open_roundtrip_and_tamper() {
+        let s = SessionSealer::new(&[7u8; 32]);
+        let v = s.seal(&data());
+        assert_eq!(s.open(&v, 999).unwrap().0, data());
+        assert_eq!(s.open(&v, 1000).unwrap_err(), SessionError::Expired);
+        assert!(!v.contains("a@b.c"), "claims are encrypted");
+        let mut bad = v.clone().into_bytes();
+        let i = bad.len() / 2;
+        bad[i] = if bad[i] == b'A' { b'B' } else { b'A' };
+        assert_eq!(
+            s.open(std::str::from_utf8(&bad).unwrap(), 1).unwrap_err(),
+            SessionError::Invalid
+        );
+        let other = SessionSealer::new(&[8u8; 32]);
+        assert_eq!(other.open(&v, 1).unwrap_err(), SessionError::Invalid);
+        for junk in ["", "!!", "AAAA", &"A".repeat(10_000)] {
+            assert!(s.open(junk, 1).is_err());
+        }
+    }
+
+    #[test]
+    fn cookie_header_helpers() {
+        let h = "a=1; __Host-linkgate=xyz; b=2";
+        assert_eq!(find_cookie(h, "__Host-linkgate"), Some("xyz"));
+        assert_eq!(find_cookie(h, "c"), None);
+        assert_eq!(remove_cookie(h, "__Host-linkgate").as_deref(), Some("a=1; b=2"));
+        assert_eq!(remove_cookie("__Host-linkgate=x", "__Host-linkgate"), None);
+    }
+}
