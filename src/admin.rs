@@ -120,7 +120,9 @@ impl AdminApi {
         config
             .admin_tokens
             .iter()
-            .fold(subtle::Choice::from(0), |acc, t| acc | t.sha256.ct_eq(&hash))
+            .fold(subtle::Choice::from(0), |acc, t| {
+                acc | t.sha256.ct_eq(&hash)
+            })
             .into()
     }
 
@@ -234,11 +236,9 @@ impl AdminApi {
                     None => Revocation::Tenant { tenant, before },
                 }
             }
-            _ => {
-                return invalid_body(
-                    "give one of {\"jti\"}, {\"tenant\",\"sub\",\"before\"?}, {\"tenant\",\"before\"?}",
-                )
-            }
+            _ => return invalid_body(
+                "give one of {\"jti\"}, {\"tenant\",\"sub\",\"before\"?}, {\"tenant\",\"before\"?}",
+            ),
         };
         match self.gw.store.add_revocation(&rev, now).await {
             Ok(id) => {
@@ -280,11 +280,7 @@ impl ServeHttp for AdminApi {
                 };
             }
             (Method::GET, "/metrics") => {
-                return respond(
-                    200,
-                    "text/plain; version=0.0.4",
-                    self.gw.metrics.render(),
-                );
+                return respond(200, "text/plain; version=0.0.4", self.gw.metrics.render());
             }
             (Method::GET, "/v1/jwks.json") => {
                 return respond(200, "application/json", self.gw.signer.jwks().to_vec());
@@ -301,9 +297,7 @@ impl ServeHttp for AdminApi {
         match (method, path.as_str()) {
             (Method::POST, "/v1/links") => self.create_link(&body),
             (Method::POST, "/v1/revocations") => self.create_revocation(&body).await,
-            (_, "/v1/links" | "/v1/revocations") => {
-                error(405, "method_not_allowed", "use POST")
-            }
+            (_, "/v1/links" | "/v1/revocations") => error(405, "method_not_allowed", "use POST"),
             (_, p) if p == "/v1/domains" || p.starts_with("/v1/domains/") => error(
                 501,
                 "not_implemented",

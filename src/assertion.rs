@@ -147,7 +147,9 @@ mod tests {
         assert_eq!(d.header.kid.as_deref(), Some(kid.as_str()));
         assert_eq!(d.claims["sub"], "u1");
         assert_eq!(d.claims["exp"].as_i64().unwrap(), now + ASSERTION_TTL);
-        let again = s.assertion([1; 16], "links.acme.test", "acme", now + 10, || panic!("cached"));
+        let again = s.assertion([1; 16], "links.acme.test", "acme", now + 10, || {
+            panic!("cached")
+        });
         assert_eq!(again, t);
         let other_host = s.assertion([1; 16], "b.acme.test", "acme", now, || claims.clone());
         assert_ne!(other_host, t);

@@ -713,18 +713,19 @@ impl Validator {
         }
         let acme = AcmeConfig {
             enabled: acme.enabled.unwrap_or(false),
-            directory: acme.directory.unwrap_or_else(|| {
-                "https://acme-v02.api.letsencrypt.org/directory".to_string()
-            }),
+            directory: acme
+                .directory
+                .unwrap_or_else(|| "https://acme-v02.api.letsencrypt.org/directory".to_string()),
             contact: acme.contact.unwrap_or_default(),
             ca_file: acme.ca_file.filter(|p| !p.as_os_str().is_empty()),
             renew_before: self.duration(acme.renew_before, "30d", "acme.renew_before"),
         };
         let mut nameservers = Vec::new();
         for (i, ns) in dns.nameservers.unwrap_or_default().iter().enumerate() {
-            let parsed = ns
-                .parse::<SocketAddr>()
-                .or_else(|_| ns.parse::<std::net::IpAddr>().map(|ip| SocketAddr::new(ip, 53)));
+            let parsed = ns.parse::<SocketAddr>().or_else(|_| {
+                ns.parse::<std::net::IpAddr>()
+                    .map(|ip| SocketAddr::new(ip, 53))
+            });
             match parsed {
                 Ok(a) => nameservers.push(a),
                 Err(_) => self.err(
@@ -1065,7 +1066,9 @@ impl Validator {
                 };
                 match read_limited(&f, MAX_SECRET_BYTES) {
                     Ok(pem) => {
-                        if let Err(e) = crate::link::decoding_key(alg, &KeyMaterial::PublicPem(pem.clone())) {
+                        if let Err(e) =
+                            crate::link::decoding_key(alg, &KeyMaterial::PublicPem(pem.clone()))
+                        {
                             self.err(format!("{kp}.public_key_file"), e);
                             continue;
                         }
@@ -1105,7 +1108,10 @@ impl Validator {
                 }
                 for (j, btn) in b.buttons.iter().enumerate() {
                     let u = &btn.url;
-                    if !(u.starts_with("https://") || u.starts_with("mailto:") || u.starts_with('/')) {
+                    if !(u.starts_with("https://")
+                        || u.starts_with("mailto:")
+                        || u.starts_with('/'))
+                    {
                         self.err(
                             format!("{p}.branding.buttons[{j}].url"),
                             "must be https://, mailto: or a path",

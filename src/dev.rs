@@ -31,14 +31,29 @@ impl ServeHttp for EchoUpstream {
         let mut rows = String::new();
         for (k, v) in req.headers.iter() {
             let name = k.as_str();
-            if name.starts_with("x-linkgate-") || name.starts_with("x-forwarded-") || name == "cookie" {
+            if name.starts_with("x-linkgate-")
+                || name.starts_with("x-forwarded-")
+                || name == "cookie"
+            {
                 let mut shown = String::from_utf8_lossy(v.as_bytes()).into_owned();
                 if name == "x-linkgate-assertion" {
-                    if let Some(p) = shown.split('.').nth(1).and_then(|p| URL_SAFE_NO_PAD.decode(p).ok()) {
-                        shown = format!("{}…\n(payload: {})", &shown[..24.min(shown.len())], String::from_utf8_lossy(&p));
+                    if let Some(p) = shown
+                        .split('.')
+                        .nth(1)
+                        .and_then(|p| URL_SAFE_NO_PAD.decode(p).ok())
+                    {
+                        shown = format!(
+                            "{}…\n(payload: {})",
+                            &shown[..24.min(shown.len())],
+                            String::from_utf8_lossy(&p)
+                        );
                     }
                 }
-                rows.push_str(&format!("<tr><th>{}</th><td><pre>{}</pre></td></tr>", escape(name), escape(&shown)));
+                rows.push_str(&format!(
+                    "<tr><th>{}</th><td><pre>{}</pre></td></tr>",
+                    escape(name),
+                    escape(&shown)
+                ));
             }
         }
         let body = format!(
@@ -58,7 +73,10 @@ impl ServeHttp for EchoUpstream {
 
 fn ensure_secret(path: &Path) -> anyhow::Result<()> {
     if !path.exists() {
-        let hex: String = rand::random::<[u8; 32]>().iter().map(|b| format!("{b:02x}")).collect();
+        let hex: String = rand::random::<[u8; 32]>()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
         crate::tls::write_private(path, hex.as_bytes())?;
     }
     Ok(())

@@ -105,6 +105,8 @@ pub struct Gateway {
     pub acme_challenges: DashMap<String, String>,
     /// Server-side claims of sessions whose claims do not fit a cookie.
     pub claims_cache: DashMap<String, Arc<Map<String, Value>>>,
+    /// Session cookies already opened.
+    pub session_cache: crate::session::SessionCache<crate::proxy::OpenSession>,
     /// Set once the listeners accept connections.
     pub ready: AtomicBool,
 }

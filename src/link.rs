@@ -2,12 +2,16 @@
 //! the contract's checks 1–9 run in order (check 10, one-time use, needs the store and is the
 //! caller's). The token is never logged or echoed.
 
+use std::borrow::Cow;
 use std::net::IpAddr;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use hmac::{Hmac, Mac};
 use jsonwebtoken::{Algorithm, DecodingKey};
+use serde::de::IgnoredAny;
+use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 use sha2::{Sha256, Sha384, Sha512};
 
@@ -207,34 +211,74 @@ pub struct ValidLink {
     pub exp: i64,
     pub one_time: bool,
     pub redirect: Option<String>,
+    /// The decoded payload (a JSON object), parsed into claims only when needed.
+    payload: Vec<u8>,
+}
+
+impl ValidLink {
     /// Every claim of the link.
-    pub claims: Map<String, Value>,
-}
-
-#[derive(serde::Deserialize)]
-struct Header {
-    alg: String,
-    kid: Option<String>,
-    crit: Option<serde::de::IgnoredAny>,
-}
-
-fn decode_json<T: serde::de::DeserializeOwned>(seg: &str) -> Result<T, LinkError> {
-    let bytes = URL_SAFE_NO_PAD
-        .decode(seg)
-        .map_err(|_| LinkError::Malformed)?;
-    serde_json::from_slice(&bytes).map_err(|_| LinkError::Malformed)
-}
-
-fn number(claims: &Map<String, Value>, name: &str) -> Result<Option<i64>, LinkError> {
-    match claims.get(name) {
-        None => Ok(None),
-        Some(Value::Number(n)) => n
-            .as_i64()
-            .or_else(|| n.as_f64().filter(|f| f.is_finite()).map(|f| f as i64))
-            .map(Some)
-            .ok_or(LinkError::Malformed),
-        Some(_) => Err(LinkError::Malformed),
+    pub fn claims(&self) -> Map<String, Value> {
+        serde_json::from_slice(&self.payload).unwrap_or_default()
     }
+}
+
+#[derive(Deserialize)]
+struct Header<'a> {
+    #[serde(borrow)]
+    alg: Cow<'a, str>,
+    #[serde(borrow)]
+    kid: Option<Cow<'a, str>>,
+    crit: Option<IgnoredAny>,
+}
+
+/// The claims the checks read, borrowed from the payload; every other claim is skipped here
+/// and kept in the payload. Duplicate keys are refused by the derive.
+#[derive(Deserialize)]
+struct KnownClaims<'a> {
+    #[serde(borrow)]
+    sub: Option<&'a RawValue>,
+    #[serde(borrow)]
+    user_id: Option<&'a RawValue>,
+    #[serde(borrow)]
+    exp: Option<&'a RawValue>,
+    #[serde(borrow)]
+    nbf: Option<&'a RawValue>,
+    #[serde(borrow)]
+    iat: Option<&'a RawValue>,
+    #[serde(borrow)]
+    jti: Option<&'a RawValue>,
+    one_time: Option<bool>,
+    #[serde(borrow)]
+    tenant: Option<&'a RawValue>,
+    #[serde(borrow)]
+    space_id: Option<&'a RawValue>,
+    #[serde(borrow)]
+    redirect: Option<&'a RawValue>,
+    #[serde(borrow)]
+    ip: Option<&'a RawValue>,
+    #[serde(borrow)]
+    ua: Option<&'a RawValue>,
+    #[serde(borrow)]
+    paths: Option<&'a RawValue>,
+}
+
+/// A JSON string, borrowed when it has no escapes.
+fn text(raw: &RawValue) -> Option<Cow<'_, str>> {
+    let s = raw.get();
+    if let Ok(b) = serde_json::from_str::<&str>(s) {
+        return Some(Cow::Borrowed(b));
+    }
+    serde_json::from_str::<String>(s).ok().map(Cow::Owned)
+}
+
+fn number(raw: Option<&RawValue>) -> Result<Option<i64>, LinkError> {
+    let Some(raw) = raw else { return Ok(None) };
+    let n: serde_json::Number =
+        serde_json::from_str(raw.get()).map_err(|_| LinkError::Malformed)?;
+    n.as_i64()
+        .or_else(|| n.as_f64().filter(|f| f.is_finite()).map(|f| f as i64))
+        .map(Some)
+        .ok_or(LinkError::Malformed)
 }
 
 /// Runs checks 1–9 of the contract on `token` for the tenant owning the request.
@@ -263,37 +307,46 @@ pub fn validate(
     {
         return Err(LinkError::Malformed);
     }
-    let header: Header = decode_json(h64)?;
+    let mut header_buf = [0u8; 512];
+    let n = URL_SAFE_NO_PAD
+        .decode_slice(h64, &mut header_buf)
+        .map_err(|_| LinkError::Malformed)?;
+    let header: Header<'_> =
+        serde_json::from_slice(&header_buf[..n]).map_err(|_| LinkError::Malformed)?;
     if header.crit.is_some() {
         return Err(LinkError::Malformed);
     }
-    let claims: Map<String, Value> = decode_json(p64)?;
-    let exp = number(&claims, "exp")?.ok_or(LinkError::Malformed)?;
-    let nbf = number(&claims, "nbf")?;
-    let iat = number(&claims, "iat")?;
-    let one_time = match claims.get("one_time") {
-        None | Some(Value::Null) => false,
-        Some(Value::Bool(b)) => *b,
-        Some(_) => return Err(LinkError::Malformed),
-    };
-    let jti = match claims.get("jti") {
+    let payload = URL_SAFE_NO_PAD
+        .decode(p64)
+        .map_err(|_| LinkError::Malformed)?;
+    let known: KnownClaims<'_> =
+        serde_json::from_slice(&payload).map_err(|_| LinkError::Malformed)?;
+    let exp = number(known.exp)?.ok_or(LinkError::Malformed)?;
+    let nbf = number(known.nbf)?;
+    let iat = number(known.iat)?;
+    let one_time = known.one_time.unwrap_or(false);
+    let jti = match known.jti {
         None => None,
-        Some(Value::String(s)) if !s.is_empty() && s.len() <= 256 => Some(s.clone()),
-        Some(_) => return Err(LinkError::Malformed),
+        Some(raw) => match text(raw) {
+            Some(s) if !s.is_empty() && s.len() <= 256 => Some(s),
+            _ => return Err(LinkError::Malformed),
+        },
     };
     if one_time && jti.is_none() {
         return Err(LinkError::Malformed);
     }
-    match claims.get("paths") {
-        None => {}
-        Some(Value::Array(a)) if a.iter().all(|p| p.as_str().is_some_and(|s| s.starts_with('/'))) => {}
-        Some(_) => return Err(LinkError::Malformed),
+    if let Some(raw) = known.paths {
+        let ok = serde_json::from_str::<Vec<Cow<'_, str>>>(raw.get())
+            .is_ok_and(|ps| ps.iter().all(|p| p.starts_with('/')));
+        if !ok {
+            return Err(LinkError::Malformed);
+        }
     }
 
     // 2 + 3. Key chosen by kid (or each in turn), alg pinned by the key, signature.
     let message = &token.as_bytes()[..h64.len() + 1 + p64.len()];
     let verified = match &header.kid {
-        Some(kid) => match keys.keys.iter().find(|k| &k.kid == kid) {
+        Some(kid) => match keys.keys.iter().find(|k| k.kid == *kid) {
             Some(k) if k.alg.as_str() == header.alg => k.verify(message, s64),
             _ => false,
         },
@@ -317,21 +370,25 @@ pub fn validate(
     }
 
     // 5. Tenant.
-    for name in ["tenant", "space_id"] {
-        if let Some(v) = claims.get(name) {
-            if v.as_str() != Some(ctx.tenant) {
-                return Err(LinkError::WrongTenant);
-            }
+    for raw in [known.tenant, known.space_id].into_iter().flatten() {
+        if text(raw).as_deref() != Some(ctx.tenant) {
+            return Err(LinkError::WrongTenant);
         }
     }
 
     // 6. Subject.
-    let subject = match claims.get("sub") {
-        Some(Value::String(s)) if !s.is_empty() => s.clone(),
-        _ => match claims.get("user_id") {
-            Some(Value::String(s)) if !s.is_empty() => s.clone(),
-            Some(Value::Number(n)) => n.to_string(),
-            _ => return Err(LinkError::Malformed),
+    let subject = match known.sub.and_then(text).filter(|s| !s.is_empty()) {
+        Some(s) => s.into_owned(),
+        None => match known.user_id {
+            Some(raw) => match text(raw) {
+                Some(s) if !s.is_empty() => s.into_owned(),
+                Some(_) => return Err(LinkError::Malformed),
+                None => match serde_json::from_str::<serde_json::Number>(raw.get()) {
+                    Ok(n) => n.to_string(),
+                    Err(_) => return Err(LinkError::Malformed),
+                },
+            },
+            None => return Err(LinkError::Malformed),
         },
     };
     if subject.len() > 1024 {
@@ -339,10 +396,12 @@ pub fn validate(
     }
 
     // 7. Redirect.
-    let redirect = match claims.get("redirect") {
-        None | Some(Value::Null) => None,
-        Some(Value::String(r)) if is_safe_redirect(r) => Some(r.clone()),
-        Some(_) => return Err(LinkError::BadRedirect),
+    let redirect = match known.redirect {
+        None => None,
+        Some(raw) => match text(raw) {
+            Some(r) if is_safe_redirect(&r) => Some(r.into_owned()),
+            _ => return Err(LinkError::BadRedirect),
+        },
     };
 
     // 8. Revocation.
@@ -352,18 +411,19 @@ pub fn validate(
     }
 
     // 9. Bindings.
-    if let Some(ip) = claims.get("ip") {
-        let want = ip.as_str().and_then(|s| s.parse::<IpAddr>().ok());
+    if let Some(raw) = known.ip {
+        let want = text(raw).and_then(|s| s.parse::<IpAddr>().ok());
         if want.is_none() || want != ctx.client_ip.map(canonical_ip) {
             return Err(LinkError::BindingMismatch);
         }
     }
-    if let Some(ua) = claims.get("ua") {
-        if ua.as_str().is_none() || ua.as_str() != ctx.user_agent {
+    if let Some(raw) = known.ua {
+        if text(raw).as_deref() != ctx.user_agent || ctx.user_agent.is_none() {
             return Err(LinkError::BindingMismatch);
         }
     }
 
+    let jti = jti.map(Cow::into_owned);
     Ok(ValidLink {
         subject,
         jti,
@@ -371,7 +431,7 @@ pub fn validate(
         exp,
         one_time,
         redirect,
-        claims,
+        payload,
     })
 }
 
@@ -443,14 +503,20 @@ mod tests {
     }
 
     fn check(claims: Value) -> Result<ValidLink, LinkError> {
-        validate(&mint(claims, Some("k1")), &keys(), &ctx(), &Revocations::default())
+        validate(
+            &mint(claims, Some("k1")),
+            &keys(),
+            &ctx(),
+            &Revocations::default(),
+        )
     }
 
     #[test]
     fn valid_link_passes() {
-        let l = check(json!({"sub":"u1","exp":NOW+60,"iat":NOW,"email":"a@b","extra":{"x":1}})).unwrap();
+        let l = check(json!({"sub":"u1","exp":NOW+60,"iat":NOW,"email":"a@b","extra":{"x":1}}))
+            .unwrap();
         assert_eq!(l.subject, "u1");
-        assert_eq!(l.claims["extra"]["x"], 1);
+        assert_eq!(l.claims()["extra"]["x"], 1);
         // No kid: each key tried.
         let t = mint(json!({"sub":"u1","exp":NOW+60}), None);
         assert!(validate(&t, &keys(), &ctx(), &Revocations::default()).is_ok());
@@ -467,20 +533,50 @@ mod tests {
             (json!({"sub":"u","exp":NOW-31}), Expired),
             (json!({"sub":"u","exp":NOW+60,"nbf":NOW+31}), NotYetValid),
             (json!({"sub":"u","exp":NOW+60,"iat":NOW+31}), NotYetValid),
-            (json!({"sub":"u","exp":NOW+60,"tenant":"globex"}), WrongTenant),
-            (json!({"sub":"u","exp":NOW+60,"space_id":"globex"}), WrongTenant),
-            (json!({"sub":"u","exp":NOW+60,"redirect":"//evil.example"}), BadRedirect),
-            (json!({"sub":"u","exp":NOW+60,"redirect":"/a%0d%0aSet-Cookie:x"}), BadRedirect),
-            (json!({"sub":"u","exp":NOW+60,"redirect":"/\\evil"}), BadRedirect),
-            (json!({"sub":"u","exp":NOW+60,"redirect":"https://evil"}), BadRedirect),
-            (json!({"sub":"u","exp":NOW+60,"ip":"10.0.0.2"}), BindingMismatch),
-            (json!({"sub":"u","exp":NOW+60,"ua":"other"}), BindingMismatch),
+            (
+                json!({"sub":"u","exp":NOW+60,"tenant":"globex"}),
+                WrongTenant,
+            ),
+            (
+                json!({"sub":"u","exp":NOW+60,"space_id":"globex"}),
+                WrongTenant,
+            ),
+            (
+                json!({"sub":"u","exp":NOW+60,"redirect":"//evil.example"}),
+                BadRedirect,
+            ),
+            (
+                json!({"sub":"u","exp":NOW+60,"redirect":"/a%0d%0aSet-Cookie:x"}),
+                BadRedirect,
+            ),
+            (
+                json!({"sub":"u","exp":NOW+60,"redirect":"/\\evil"}),
+                BadRedirect,
+            ),
+            (
+                json!({"sub":"u","exp":NOW+60,"redirect":"https://evil"}),
+                BadRedirect,
+            ),
+            (
+                json!({"sub":"u","exp":NOW+60,"ip":"10.0.0.2"}),
+                BindingMismatch,
+            ),
+            (
+                json!({"sub":"u","exp":NOW+60,"ua":"other"}),
+                BindingMismatch,
+            ),
         ];
         for (claims, want) in cases {
             assert_eq!(check(claims.clone()).unwrap_err(), want, "{claims}");
         }
-        assert!(check(json!({"user_id":42,"exp":NOW+60,"ip":"10.0.0.1","ua":"ua/1","redirect":"/x?y=1"})).is_ok());
-        assert!(check(json!({"sub":"u","exp":NOW-29})).is_ok(), "leeway 30 s");
+        assert!(check(
+            json!({"user_id":42,"exp":NOW+60,"ip":"10.0.0.1","ua":"ua/1","redirect":"/x?y=1"})
+        )
+        .is_ok());
+        assert!(
+            check(json!({"sub":"u","exp":NOW-29})).is_ok(),
+            "leeway 30 s"
+        );
     }
 
     #[test]
@@ -489,7 +585,10 @@ mod tests {
         let r = Revocations::default();
         // Unknown kid: no fallback.
         let t = mint(json!({"sub":"u","exp":NOW+60}), Some("k9"));
-        assert_eq!(validate(&t, &keys(), &ctx(), &r).unwrap_err(), LinkError::BadSignature);
+        assert_eq!(
+            validate(&t, &keys(), &ctx(), &r).unwrap_err(),
+            LinkError::BadSignature
+        );
         // alg none with empty or bogus signature.
         let h = URL_SAFE_NO_PAD.encode(br#"{"alg":"none","kid":"k1"}"#);
         let p = good.split('.').nth(1).unwrap();
@@ -522,8 +621,17 @@ mod tests {
         let r = Revocations::default();
         let big = "a".repeat(MAX_TOKEN_BYTES + 1);
         for t in [
-            "", ".", "..", "a.b.c", "a.b.c.d", "!!!.b.c", &big, "e30.e30.", "e30.e30.x",
-            "eyJhbGciOiJIUzI1NiJ9.bnVsbA.abc", "eyJhbGciOjF9.e30.abc",
+            "",
+            ".",
+            "..",
+            "a.b.c",
+            "a.b.c.d",
+            "!!!.b.c",
+            &big,
+            "e30.e30.",
+            "e30.e30.x",
+            "eyJhbGciOiJIUzI1NiJ9.bnVsbA.abc",
+            "eyJhbGciOjF9.e30.abc",
         ] {
             assert!(validate(t, &keys(), &ctx(), &r).is_err(), "{t:.20}");
         }
@@ -533,23 +641,51 @@ mod tests {
     fn revoked_links_refused() {
         use crate::revocation::Revocation;
         let r = Revocations::default();
-        r.apply(&Revocation::Subject { tenant: "acme".into(), sub: "u".into(), before: NOW - 10 });
+        r.apply(&Revocation::Subject {
+            tenant: "acme".into(),
+            sub: "u".into(),
+            before: NOW - 10,
+        });
         let t = mint(json!({"sub":"u","exp":NOW+60,"iat":NOW-20}), Some("k1"));
-        assert_eq!(validate(&t, &keys(), &ctx(), &r).unwrap_err(), LinkError::Revoked);
+        assert_eq!(
+            validate(&t, &keys(), &ctx(), &r).unwrap_err(),
+            LinkError::Revoked
+        );
         let t = mint(json!({"sub":"u","exp":NOW+60,"iat":NOW-5}), Some("k1"));
-        assert!(validate(&t, &keys(), &ctx(), &r).is_ok(), "issued after the revocation");
+        assert!(
+            validate(&t, &keys(), &ctx(), &r).is_ok(),
+            "issued after the revocation"
+        );
         let t = mint(json!({"sub":"u","exp":NOW+60}), Some("k1"));
-        assert_eq!(validate(&t, &keys(), &ctx(), &r).unwrap_err(), LinkError::Revoked, "no iat = 0");
+        assert_eq!(
+            validate(&t, &keys(), &ctx(), &r).unwrap_err(),
+            LinkError::Revoked,
+            "no iat = 0"
+        );
         r.apply(&Revocation::Jti { jti: "j1".into() });
         let t = mint(json!({"sub":"v","exp":NOW+60,"jti":"j1"}), Some("k1"));
-        assert_eq!(validate(&t, &keys(), &ctx(), &r).unwrap_err(), LinkError::Revoked);
+        assert_eq!(
+            validate(&t, &keys(), &ctx(), &r).unwrap_err(),
+            LinkError::Revoked
+        );
     }
 
     #[test]
     fn redirects() {
         assert!(is_safe_redirect("/"));
         assert!(is_safe_redirect("/a/b?c=d#e"));
-        for bad in ["", "a", "//x", "/%2Fx", "/a b", "/a\tb", "/%09", "/%5Cx", "\\x", "/\u{2028}"] {
+        for bad in [
+            "",
+            "a",
+            "//x",
+            "/%2Fx",
+            "/a b",
+            "/a\tb",
+            "/%09",
+            "/%5Cx",
+            "\\x",
+            "/\u{2028}",
+        ] {
             assert!(!is_safe_redirect(bad), "{bad}");
         }
     }

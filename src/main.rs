@@ -11,7 +11,11 @@ use linkgate::metrics::Metrics;
 use linkgate::mint::{LinkForm, MintRequest};
 
 #[derive(Parser)]
-#[command(name = "linkgate", version, about = "Edge proxy for magic links on customers' own domains")]
+#[command(
+    name = "linkgate",
+    version,
+    about = "Edge proxy for magic links on customers' own domains"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -125,7 +129,11 @@ fn main() -> ExitCode {
                 one_time,
                 redirect: None,
                 host,
-                form: if query { LinkForm::Query } else { LinkForm::Path },
+                form: if query {
+                    LinkForm::Query
+                } else {
+                    LinkForm::Path
+                },
             };
             match linkgate::mint::mint(&cfg, &req, linkgate::gateway::now()) {
                 Ok(m) => {

@@ -191,11 +191,9 @@ impl Metrics {
         for r in ["ok", "error"] {
             webhook_deliveries.with_label_values(&[r]);
         }
-        let revocations = IntGauge::new(
-            "linkgate_revocations",
-            "Revocation entries held in memory",
-        )
-        .expect("static metric definition");
+        let revocations =
+            IntGauge::new("linkgate_revocations", "Revocation entries held in memory")
+                .expect("static metric definition");
 
         let m = Metrics {
             tls_ok: tls_vec.with_label_values(&["ok"]),

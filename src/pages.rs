@@ -47,7 +47,11 @@ fn page(branding: Option<&Branding>, heading: &str, body_html: &str) -> Vec<u8> 
     html.push_str("<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">");
     html.push_str("<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">");
     html.push_str("<meta name=\"robots\" content=\"noindex\">");
-    html.push_str(&format!("<title>{} – {}</title>", escape(heading), escape(title)));
+    html.push_str(&format!(
+        "<title>{} – {}</title>",
+        escape(heading),
+        escape(title)
+    ));
     html.push_str(&format!(
         "<style>body{{font-family:{font};background:#f9fafb;color:#111827;margin:0;display:flex;min-height:100vh;align-items:center;justify-content:center}}\
 main{{background:#fff;max-width:28rem;width:100%;padding:2rem;border-radius:12px;box-shadow:0 1px 3px rgba(0,0,0,.12)}}\
@@ -59,7 +63,11 @@ nav a{{margin-right:1rem;color:{color}}}img{{max-height:48px}}</style></head><bo
         color = escape(color),
     ));
     if let Some(logo) = &b.logo_url {
-        html.push_str(&format!("<img src=\"{}\" alt=\"{}\">", escape(logo), escape(title)));
+        html.push_str(&format!(
+            "<img src=\"{}\" alt=\"{}\">",
+            escape(logo),
+            escape(title)
+        ));
     }
     if let Some(t) = &b.title {
         html.push_str(&format!("<p><strong>{}</strong></p>", escape(t)));
@@ -72,7 +80,11 @@ nav a{{margin-right:1rem;color:{color}}}img{{max-height:48px}}</style></head><bo
     if !b.buttons.is_empty() {
         html.push_str("<nav>");
         for (label, url) in &b.buttons {
-            html.push_str(&format!("<a href=\"{}\">{}</a>", escape(url), escape(label)));
+            html.push_str(&format!(
+                "<a href=\"{}\">{}</a>",
+                escape(url),
+                escape(label)
+            ));
         }
         html.push_str("</nav>");
     }

@@ -20,7 +20,11 @@ fn hex(b: u8) -> Option<u8> {
 /// Fast path: a path with no `%` and no dot segment is returned borrowed-equal (copied once).
 pub fn normalize(raw: &str) -> Result<String, BadPath> {
     if !raw.starts_with('/') {
-        return if raw.is_empty() { Ok("/".into()) } else { Err(BadPath) };
+        return if raw.is_empty() {
+            Ok("/".into())
+        } else {
+            Err(BadPath)
+        };
     }
     // 1. Decode percent-encoded unreserved characters; keep the rest encoded (upper-case hex).
     let bytes = raw.as_bytes();
@@ -119,7 +123,16 @@ mod tests {
         for (raw, want) in cases {
             assert_eq!(normalize(raw).unwrap(), want, "{raw}");
         }
-        for bad in ["/..", "/a/../..", "/%2e%2e/x", "/%zz", "/%4", "x", "/a b", "/a\nb"] {
+        for bad in [
+            "/..",
+            "/a/../..",
+            "/%2e%2e/x",
+            "/%zz",
+            "/%4",
+            "x",
+            "/a b",
+            "/a\nb",
+        ] {
             assert_eq!(normalize(bad), Err(BadPath), "{bad:?}");
         }
     }

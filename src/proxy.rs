@@ -20,7 +20,7 @@ use crate::gateway::{now, Gateway, Tenant};
 use crate::link::{self, LinkContext, LinkError, ValidLink};
 use crate::metrics::Outcome;
 use crate::pages;
-use crate::session::{find_cookie, remove_cookie, SessionData, MAX_COOKIE_VALUE};
+use crate::session::{find_cookie, remove_cookie, Cached, SessionData, MAX_COOKIE_VALUE};
 use crate::tls::HandshakeSni;
 
 /// Path of the JWKS on every served host.
@@ -38,6 +38,17 @@ impl GatewayProxy {
     pub fn new(gw: Arc<Gateway>) -> Self {
         Self { gw }
     }
+}
+
+/// A session cookie opened once and kept (in [`Gateway::session_cache`]) for its later
+/// requests.
+pub struct OpenSession {
+    data: SessionData,
+    /// Unique per cookie (from its nonce), keys the assertion cache.
+    id: [u8; 16],
+    claims: Arc<Map<String, Value>>,
+    /// Identity headers for the upstream, built once.
+    headers: Vec<(HeaderName, HeaderValue)>,
 }
 
 /// Per-request state.
@@ -110,9 +121,7 @@ impl Refusal {
                 LinkError::WrongTenant => "The link belongs to another site.",
                 LinkError::BadRedirect => "The link's redirect target is not allowed.",
                 LinkError::Revoked => "The link has been revoked.",
-                LinkError::BindingMismatch => {
-                    "The link was issued for another device or network."
-                }
+                LinkError::BindingMismatch => "The link was issued for another device or network.",
                 LinkError::Used => "The link has already been used. Ask for a new one.",
             },
         }
@@ -137,7 +146,11 @@ async fn send(
     resp.insert_header(header::CONTENT_LENGTH, body.len().to_string())?;
     let head = session.req_header().method == http::Method::HEAD;
     session.write_response_header(Box::new(resp), false).await?;
-    let body = if head { Bytes::new() } else { Bytes::from(body) };
+    let body = if head {
+        Bytes::new()
+    } else {
+        Bytes::from(body)
+    };
     session.write_response_body(Some(body), true).await?;
     Ok(())
 }
@@ -213,29 +226,34 @@ fn client_ip(session: &Session) -> Option<IpAddr> {
 /// Removes client-sent identity headers (`X-Linkgate-*` and the tenant's `headers` names,
 /// compared case-insensitively with `_` as `-`) and `X-Forwarded-*`.
 fn strip_identity_headers(req: &mut RequestHeader, tenant: &Tenant) {
-    let doomed: Vec<HeaderName> = req
-        .headers
-        .keys()
-        .filter(|name| {
-            let n = name.as_str();
-            let dashed = |i: usize, c: u8| {
-                let b = n.as_bytes().get(i).copied();
-                b == Some(c) || (c == b'-' && b == Some(b'_'))
-            };
-            let starts_linkgate = n.len() >= 11
-                && b"x-linkgate-".iter().enumerate().all(|(i, c)| dashed(i, *c));
-            let starts_forwarded = n.len() >= 12
-                && b"x-forwarded-".iter().enumerate().all(|(i, c)| dashed(i, *c));
-            starts_linkgate
-                || starts_forwarded
-                || n == "forwarded"
-                || tenant.strip_names.iter().any(|s| {
-                    s.len() == n.len()
-                        && s.bytes().enumerate().all(|(i, c)| dashed(i, c))
-                })
-        })
-        .cloned()
-        .collect();
+    let doomed: Vec<HeaderName> =
+        req.headers
+            .keys()
+            .filter(|name| {
+                let n = name.as_str();
+                let dashed = |i: usize, c: u8| {
+                    let b = n.as_bytes().get(i).copied();
+                    b == Some(c) || (c == b'-' && b == Some(b'_'))
+                };
+                let starts_linkgate = n.len() >= 11
+                    && b"x-linkgate-"
+                        .iter()
+                        .enumerate()
+                        .all(|(i, c)| dashed(i, *c));
+                let starts_forwarded = n.len() >= 12
+                    && b"x-forwarded-"
+                        .iter()
+                        .enumerate()
+                        .all(|(i, c)| dashed(i, *c));
+                starts_linkgate
+                    || starts_forwarded
+                    || n == "forwarded"
+                    || tenant.strip_names.iter().any(|s| {
+                        s.len() == n.len() && s.bytes().enumerate().all(|(i, c)| dashed(i, c))
+                    })
+            })
+            .cloned()
+            .collect();
     for name in doomed {
         req.remove_header(&name);
     }
@@ -316,8 +334,14 @@ impl GatewayProxy {
         if path == JWKS_PATH {
             ctx.outcome = Some(Outcome::Public);
             let headers = [
-                (header::CONTENT_TYPE, HeaderValue::from_static("application/json")),
-                (header::CACHE_CONTROL, HeaderValue::from_static("public, max-age=300")),
+                (
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                ),
+                (
+                    header::CACHE_CONTROL,
+                    HeaderValue::from_static("public, max-age=300"),
+                ),
             ];
             send(session, 200, &headers, gw.signer.jwks().to_vec()).await?;
             return Ok(true);
@@ -325,7 +349,15 @@ impl GatewayProxy {
 
         if let Some((token, path_form)) = find_token(&path, query.as_deref()) {
             return self
-                .handle_link(session, ctx, &tenant, &token, path_form, &path, query.as_deref())
+                .handle_link(
+                    session,
+                    ctx,
+                    &tenant,
+                    &token,
+                    path_form,
+                    &path,
+                    query.as_deref(),
+                )
                 .await;
         }
 
@@ -350,8 +382,8 @@ impl GatewayProxy {
             }
         };
 
-        if let Some((data, session_id, claims)) = &session_data {
-            if let Some(Value::Array(allowed)) = claims.get("paths") {
+        if let Some(open) = session_data.as_ref().map(|c| &c.value) {
+            if let Some(Value::Array(allowed)) = open.claims.get("paths") {
                 let ok = allowed.iter().any(|p| {
                     p.as_str()
                         .is_some_and(|p| crate::paths::prefix_matches(p, &path))
@@ -360,24 +392,17 @@ impl GatewayProxy {
                     return refuse(session, Some(&tenant), Refusal::FORBIDDEN_PATH, ctx).await;
                 }
             }
-            let now = now();
-            let assertion = gw.signer.assertion(*session_id, &ctx.host, &tenant.id, now, || {
-                let mut c = (**claims).clone();
-                c.insert("sub".into(), data.subject.clone().into());
-                c
-            });
+            let assertion = gw
+                .signer
+                .assertion(open.id, &ctx.host, &tenant.id, now(), || {
+                    let mut c = (*open.claims).clone();
+                    c.insert("sub".into(), open.data.subject.clone().into());
+                    c
+                });
             let req = session.req_header_mut();
-            for (claim, name) in &tenant.headers {
-                let value = if claim == "sub" {
-                    HeaderValue::from_bytes(data.subject.as_bytes()).ok()
-                } else {
-                    claims.get(claim).and_then(claim_header_value)
-                };
-                if let Some(v) = value {
-                    req.insert_header(name.clone(), v)?;
-                }
+            for (name, value) in &open.headers {
+                req.insert_header(name.clone(), value.clone())?;
             }
-            req.insert_header("x-linkgate-tenant", hv(&tenant.id))?;
             req.insert_header("x-linkgate-assertion", hv(&assertion))?;
         }
 
@@ -385,7 +410,11 @@ impl GatewayProxy {
         let ip = client_ip(session);
         let cookie_name = &gw.cookie_name;
         let req = session.req_header_mut();
-        if let Some(c) = req.headers.get(header::COOKIE).and_then(|c| c.to_str().ok()) {
+        if let Some(c) = req
+            .headers
+            .get(header::COOKIE)
+            .and_then(|c| c.to_str().ok())
+        {
             if find_cookie(c, cookie_name).is_some() {
                 match remove_cookie(c, cookie_name) {
                     Some(rest) => {
@@ -421,12 +450,13 @@ impl GatewayProxy {
         Ok(false)
     }
 
-    /// Opens and checks the session cookie for `tenant`.
+    /// Opens and checks the session cookie for `tenant`. A cookie seen before is found in
+    /// the session cache (no decryption); expiry, tenant and revocation are checked every time.
     async fn session_from_cookie(
         &self,
         session: &Session,
         tenant: &Tenant,
-    ) -> std::result::Result<(SessionData, [u8; 16], Arc<Map<String, Value>>), Refusal> {
+    ) -> std::result::Result<Arc<Cached<OpenSession>>, Refusal> {
         let gw = &self.gw;
         let value = session
             .req_header()
@@ -437,21 +467,44 @@ impl GatewayProxy {
             .find_map(|c| find_cookie(c, &gw.cookie_name))
             .ok_or(Refusal::SESSION_REQUIRED)?;
         let now = now();
+        let open = match gw.session_cache.get(value) {
+            Some(c) => c,
+            None => {
+                let open = self.open_session(value, tenant, now).await?;
+                gw.session_cache.insert(value, open)
+            }
+        };
+        let d = &open.value.data;
+        if d.expires_at <= now
+            || d.tenant != tenant.id
+            || gw
+                .revocations
+                .is_revoked(&d.tenant, &d.subject, d.jti.as_deref(), d.iat)
+        {
+            return Err(Refusal::SESSION_INVALID);
+        }
+        Ok(open)
+    }
+
+    /// Decrypts a cookie and prepares what forwarding needs (claims, identity headers).
+    async fn open_session(
+        &self,
+        value: &str,
+        tenant: &Tenant,
+        now: i64,
+    ) -> std::result::Result<OpenSession, Refusal> {
+        let gw = &self.gw;
         let (data, id) = gw
             .sealer
             .open(value, now)
             .map_err(|_| Refusal::SESSION_INVALID)?;
-        if data.tenant != tenant.id
-            || gw
-                .revocations
-                .is_revoked(&data.tenant, &data.subject, data.jti.as_deref(), data.iat)
-        {
+        if data.tenant != tenant.id {
             return Err(Refusal::SESSION_INVALID);
         }
         let claims = match (&data.claims, &data.claims_ref) {
             (Some(c), _) => Arc::new(c.clone()),
-            (None, Some(r)) => match gw.claims_cache.get(r) {
-                Some(c) => c.clone(),
+            (None, Some(r)) => match gw.claims_cache.get(r).map(|c| c.value().clone()) {
+                Some(c) => c,
                 None => {
                     let json = gw
                         .store
@@ -469,7 +522,24 @@ impl GatewayProxy {
             },
             (None, None) => Arc::new(Map::new()),
         };
-        Ok((data, id, claims))
+        let mut headers = Vec::with_capacity(tenant.headers.len() + 1);
+        for (claim, name) in &tenant.headers {
+            let value = if claim == "sub" {
+                HeaderValue::from_bytes(data.subject.as_bytes()).ok()
+            } else {
+                claims.get(claim).and_then(claim_header_value)
+            };
+            if let Some(v) = value {
+                headers.push((name.clone(), v));
+            }
+        }
+        headers.push((HeaderName::from_static("x-linkgate-tenant"), hv(&tenant.id)));
+        Ok(OpenSession {
+            data,
+            id,
+            claims,
+            headers,
+        })
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -534,7 +604,10 @@ impl GatewayProxy {
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "store unavailable while redeeming a link");
-                    return Err(Error::explain(ErrorType::InternalError, "store unavailable"));
+                    return Err(Error::explain(
+                        ErrorType::InternalError,
+                        "store unavailable",
+                    ));
                 }
             }
         }
@@ -544,10 +617,19 @@ impl GatewayProxy {
             let branding = tenant.branding.as_ref();
             let with_img = branding.is_some_and(|b| b.logo_url.is_some());
             let headers = [
-                (header::CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8")),
+                (
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("text/html; charset=utf-8"),
+                ),
                 (header::CACHE_CONTROL, HeaderValue::from_static("no-store")),
-                (header::REFERRER_POLICY, HeaderValue::from_static("no-referrer")),
-                (HeaderName::from_static("x-robots-tag"), HeaderValue::from_static("noindex")),
+                (
+                    header::REFERRER_POLICY,
+                    HeaderValue::from_static("no-referrer"),
+                ),
+                (
+                    HeaderName::from_static("x-robots-tag"),
+                    HeaderValue::from_static("noindex"),
+                ),
                 (
                     header::CONTENT_SECURITY_POLICY,
                     HeaderValue::from_static(pages::csp(with_img)),
@@ -574,7 +656,10 @@ impl GatewayProxy {
             (header::LOCATION, hv(&location)),
             (header::SET_COOKIE, hv(&set_cookie)),
             (header::CACHE_CONTROL, HeaderValue::from_static("no-store")),
-            (header::REFERRER_POLICY, HeaderValue::from_static("no-referrer")),
+            (
+                header::REFERRER_POLICY,
+                HeaderValue::from_static("no-referrer"),
+            ),
         ];
         ctx.outcome = Some(Outcome::Redeemed);
         gw.metrics.sessions_created.inc();
@@ -586,7 +671,7 @@ impl GatewayProxy {
     /// Seals a session for `link`; claims that would overflow the cookie go to the store.
     async fn create_session(&self, tenant: &Tenant, link: &ValidLink) -> Result<String> {
         let gw = &self.gw;
-        let mut claims = link.claims.clone();
+        let mut claims = link.claims();
         for k in ["exp", "nbf", "iat"] {
             claims.remove(k);
         }
@@ -700,9 +785,14 @@ impl ProxyHttp for GatewayProxy {
         let tenant = ctx.tenant.clone();
         let written = session.response_written().is_some();
         let ok = !written
-            && refuse(session, tenant.as_deref(), Refusal::UPSTREAM_UNAVAILABLE, ctx)
-                .await
-                .is_ok();
+            && refuse(
+                session,
+                tenant.as_deref(),
+                Refusal::UPSTREAM_UNAVAILABLE,
+                ctx,
+            )
+            .await
+            .is_ok();
         ctx.outcome = Some(Outcome::Rejected);
         FailToProxy {
             error_code: 502,

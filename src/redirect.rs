@@ -25,7 +25,11 @@ impl HttpRedirect {
     }
 }
 
-fn reply(status: u16, headers: &[(header::HeaderName, String)], body: Vec<u8>) -> Response<Vec<u8>> {
+fn reply(
+    status: u16,
+    headers: &[(header::HeaderName, String)],
+    body: Vec<u8>,
+) -> Response<Vec<u8>> {
     let mut b = Response::builder().status(status);
     for (k, v) in headers {
         b = b.header(k, v);
@@ -59,7 +63,11 @@ impl ServeHttp for HttpRedirect {
                     );
                 }
             }
-            return reply(404, &[(header::CONTENT_TYPE, "text/plain".into())], b"not found\n".to_vec());
+            return reply(
+                404,
+                &[(header::CONTENT_TYPE, "text/plain".into())],
+                b"not found\n".to_vec(),
+            );
         }
         let host = req
             .headers
@@ -77,11 +85,7 @@ impl ServeHttp for HttpRedirect {
             );
         };
         self.gw.metrics.request(Outcome::RedirectHttps);
-        let pq = req
-            .uri
-            .path_and_query()
-            .map(|p| p.as_str())
-            .unwrap_or("/");
+        let pq = req.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
         let location = match self.gw.https_port {
             443 => format!("https://{host}{pq}"),
             p => format!("https://{host}:{p}{pq}"),

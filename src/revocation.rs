@@ -49,18 +49,24 @@ impl Revocations {
                 sub,
                 before,
             } => {
-                let t = self.tenants.entry(tenant.clone()).or_insert_with(|| TenantRevocations {
-                    all_before: AtomicI64::new(i64::MIN),
-                    by_subject: DashMap::new(),
-                });
+                let t = self
+                    .tenants
+                    .entry(tenant.clone())
+                    .or_insert_with(|| TenantRevocations {
+                        all_before: AtomicI64::new(i64::MIN),
+                        by_subject: DashMap::new(),
+                    });
                 let mut e = t.by_subject.entry(sub.clone()).or_insert(i64::MIN);
                 *e = (*e).max(*before);
             }
             Revocation::Tenant { tenant, before } => {
-                let t = self.tenants.entry(tenant.clone()).or_insert_with(|| TenantRevocations {
-                    all_before: AtomicI64::new(i64::MIN),
-                    by_subject: DashMap::new(),
-                });
+                let t = self
+                    .tenants
+                    .entry(tenant.clone())
+                    .or_insert_with(|| TenantRevocations {
+                        all_before: AtomicI64::new(i64::MIN),
+                        by_subject: DashMap::new(),
+                    });
                 t.all_before.fetch_max(*before, Ordering::Relaxed);
             }
         }
@@ -109,11 +115,18 @@ mod tests {
     fn cutoffs() {
         let r = Revocations::default();
         assert!(!r.is_revoked("a", "u", Some("j"), 5));
-        r.apply(&Revocation::Tenant { tenant: "a".into(), before: 10 });
+        r.apply(&Revocation::Tenant {
+            tenant: "a".into(),
+            before: 10,
+        });
         assert!(r.is_revoked("a", "u", None, 10));
         assert!(!r.is_revoked("a", "u", None, 11));
         assert!(!r.is_revoked("b", "u", None, 0));
-        r.apply(&Revocation::Subject { tenant: "b".into(), sub: "u".into(), before: 20 });
+        r.apply(&Revocation::Subject {
+            tenant: "b".into(),
+            sub: "u".into(),
+            before: 20,
+        });
         assert!(r.is_revoked("b", "u", None, 0));
         assert!(!r.is_revoked("b", "v", None, 0));
         r.apply(&Revocation::Jti { jti: "j".into() });

@@ -101,6 +101,7 @@ pub async fn build_gateway(config: Config, metrics: Arc<Metrics>) -> anyhow::Res
         metrics,
         acme_challenges: DashMap::new(),
         claims_cache: DashMap::new(),
+        session_cache: crate::session::SessionCache::new(100_000),
         ready: AtomicBool::new(false),
         config: ArcSwap::from_pointee(config),
     };
@@ -123,7 +124,9 @@ pub fn reload(gw: &Gateway) -> Result<(), Vec<String>> {
     if new.store != old.store {
         restart.push("store.url");
     }
-    if new.session.secret.0 != old.session.secret.0 || new.session.cookie_name != old.session.cookie_name {
+    if new.session.secret.0 != old.session.secret.0
+        || new.session.cookie_name != old.session.cookie_name
+    {
         restart.push("session");
     }
     if !restart.is_empty() {
@@ -163,6 +166,8 @@ pub fn reload(gw: &Gateway) -> Result<(), Vec<String>> {
         gw.hosts.insert(k, v);
     }
     gw.config.store(Arc::new(new));
+    // Cached sessions carry header values built from the old tenant settings.
+    gw.session_cache.clear();
     Ok(())
 }
 
@@ -240,7 +245,11 @@ impl BackgroundService for Housekeeping {
 }
 
 /// Runs the gateway until SIGTERM/SIGINT; never returns on success.
-pub fn serve(config: Config, metrics: Arc<Metrics>, extra: Vec<Box<dyn pingora::services::ServiceWithDependents>>) -> anyhow::Result<()> {
+pub fn serve(
+    config: Config,
+    metrics: Arc<Metrics>,
+    extra: Vec<Box<dyn pingora::services::ServiceWithDependents>>,
+) -> anyhow::Result<()> {
     let startup = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -248,7 +257,9 @@ pub fn serve(config: Config, metrics: Arc<Metrics>, extra: Vec<Box<dyn pingora::
     let http_addr = config.server.http_listen;
     let admin = config.server.admin_listen;
     let threads = match config.server.threads {
-        0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        0 => std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1),
         n => n,
     };
     let gw = startup.block_on(build_gateway(config, metrics))?;
@@ -265,8 +276,12 @@ pub fn serve(config: Config, metrics: Arc<Metrics>, extra: Vec<Box<dyn pingora::
 
     let mut proxy =
         pingora::proxy::http_proxy_service(&server.configuration, GatewayProxy::new(gw.clone()));
-    let mut tls = TlsSettings::with_callbacks(Box::new(HandshakeCallbacks::new(gw.metrics.clone())))?;
-    tls.set_cert_resolver(Arc::new(SniResolver::new(gw.certs.clone(), gw.metrics.clone())));
+    let mut tls =
+        TlsSettings::with_callbacks(Box::new(HandshakeCallbacks::new(gw.metrics.clone())))?;
+    tls.set_cert_resolver(Arc::new(SniResolver::new(
+        gw.certs.clone(),
+        gw.metrics.clone(),
+    )));
     tls.enable_h2();
     proxy.add_tls_with_settings(&https.to_string(), None, tls);
 

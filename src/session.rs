@@ -3,10 +3,13 @@
 //! `[session].secret`. Only the gateway can produce or read one. Claims too large for a
 //! cookie are kept server-side and the cookie carries their id.
 
+use std::sync::Arc;
+
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
+use dashmap::DashMap;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -74,7 +77,13 @@ impl SessionSealer {
         let nonce = XNonce::from_slice(&nonce_bytes);
         let ct = self
             .cipher
-            .encrypt(nonce, Payload { msg: &plain, aad: AAD })
+            .encrypt(
+                nonce,
+                Payload {
+                    msg: &plain,
+                    aad: AAD,
+                },
+            )
             .expect("encryption of in-memory data cannot fail");
         let mut raw = Vec::with_capacity(NONCE_LEN + ct.len());
         raw.extend_from_slice(&nonce_bytes);
@@ -108,6 +117,68 @@ impl SessionSealer {
         id.copy_from_slice(&nonce[..16]);
         Ok((data, id))
     }
+}
+
+/// Sessions already opened, keyed by the cookie's nonce and matched on the full cookie
+/// value, so a cookie is decrypted once and its later requests cost a map lookup.
+/// Bounded: cleared when `max` entries are reached.
+pub struct SessionCache<T> {
+    map: DashMap<[u8; 16], Arc<Cached<T>>>,
+    max: usize,
+}
+
+/// One cache entry: the exact cookie value and what was derived from it.
+pub struct Cached<T> {
+    cookie: Box<str>,
+    /// The value derived from the cookie.
+    pub value: T,
+}
+
+impl<T> SessionCache<T> {
+    /// An empty cache holding at most `max` sessions.
+    pub fn new(max: usize) -> Self {
+        Self {
+            map: DashMap::new(),
+            max,
+        }
+    }
+
+    /// The entry for exactly this cookie value.
+    pub fn get(&self, cookie: &str) -> Option<Arc<Cached<T>>> {
+        let key = cache_key(cookie)?;
+        let e = self.map.get(&key)?;
+        (&*e.cookie == cookie).then(|| e.value().clone())
+    }
+
+    /// Remembers `value` for this cookie value.
+    pub fn insert(&self, cookie: &str, value: T) -> Arc<Cached<T>> {
+        let entry = Arc::new(Cached {
+            cookie: cookie.into(),
+            value,
+        });
+        if let Some(key) = cache_key(cookie) {
+            if self.map.len() >= self.max {
+                self.map.clear();
+            }
+            self.map.insert(key, entry.clone());
+        }
+        entry
+    }
+
+    /// Forgets every session (their cookies stay valid and are opened again).
+    pub fn clear(&self) {
+        self.map.clear();
+    }
+}
+
+/// The cache key of a cookie value: the first 16 bytes of its nonce.
+fn cache_key(value: &str) -> Option<[u8; 16]> {
+    let head = value.get(..24)?;
+    let mut buf = [0u8; 18];
+    URL_SAFE_NO_PAD.decode_slice(head, &mut buf).ok()?;
+    let mut key = [0u8; 16];
+    key.copy_from_slice(&buf[..16]);
+    Some(key)
 }
 
 /// The value of cookie `name` in a `Cookie` header, if present.
@@ -168,11 +239,29 @@ mod tests {
     }
 
     #[test]
+    fn cache_matches_whole_cookie() {
+        let s = SessionSealer::new(&[7u8; 32]);
+        let v = s.seal(&data());
+        let cache = SessionCache::new(2);
+        cache.insert(&v, 1u32);
+        assert_eq!(cache.get(&v).unwrap().value, 1);
+        let mut forged = v[..30].to_string();
+        forged.push_str(&"A".repeat(v.len() - 30));
+        assert!(cache.get(&forged).is_none(), "same nonce, other bytes");
+        cache.insert(&s.seal(&data()), 2);
+        cache.insert(&s.seal(&data()), 3);
+        assert!(cache.get(&v).is_none(), "bounded");
+    }
+
+    #[test]
     fn cookie_header_helpers() {
         let h = "a=1; __Host-linkgate=xyz; b=2";
         assert_eq!(find_cookie(h, "__Host-linkgate"), Some("xyz"));
         assert_eq!(find_cookie(h, "c"), None);
-        assert_eq!(remove_cookie(h, "__Host-linkgate").as_deref(), Some("a=1; b=2"));
+        assert_eq!(
+            remove_cookie(h, "__Host-linkgate").as_deref(),
+            Some("a=1; b=2")
+        );
         assert_eq!(remove_cookie("__Host-linkgate=x", "__Host-linkgate"), None);
     }
 }

@@ -32,7 +32,12 @@ pub enum StoreError {
 #[async_trait]
 pub trait Store: Send + Sync {
     /// Marks `jti` redeemed; true only for the first caller on any node.
-    async fn redeem_once(&self, jti: &str, tenant: &str, expires_at: i64) -> Result<bool, StoreError>;
+    async fn redeem_once(
+        &self,
+        jti: &str,
+        tenant: &str,
+        expires_at: i64,
+    ) -> Result<bool, StoreError>;
     /// True when `jti` was redeemed before.
     async fn is_redeemed(&self, jti: &str) -> Result<bool, StoreError>;
     /// Records a revocation; returns its sequence number.
@@ -51,7 +56,11 @@ pub trait Store: Send + Sync {
     async fn session_claims(&self, id: &str, now: i64) -> Result<Option<String>, StoreError>;
     /// The gateway's assertion signing key: `candidate` is stored if none exists yet, and the
     /// stored key (the same on every node) is returned as (kid, PKCS#8 DER).
-    async fn signing_key(&self, kid: &str, candidate: &[u8]) -> Result<(String, Vec<u8>), StoreError>;
+    async fn signing_key(
+        &self,
+        kid: &str,
+        candidate: &[u8],
+    ) -> Result<(String, Vec<u8>), StoreError>;
     /// Deletes rows that can no longer matter.
     async fn prune(&self, now: i64) -> Result<(), StoreError>;
     /// True when the store answers.
@@ -130,7 +139,12 @@ impl SqliteStore {
 
 #[async_trait]
 impl Store for SqliteStore {
-    async fn redeem_once(&self, jti: &str, tenant: &str, expires_at: i64) -> Result<bool, StoreError> {
+    async fn redeem_once(
+        &self,
+        jti: &str,
+        tenant: &str,
+        expires_at: i64,
+    ) -> Result<bool, StoreError> {
         let (jti, tenant) = (jti.to_string(), tenant.to_string());
         self.with(move |c| {
             let n = c.execute(
@@ -145,14 +159,13 @@ impl Store for SqliteStore {
     async fn is_redeemed(&self, jti: &str) -> Result<bool, StoreError> {
         let jti = jti.to_string();
         self.with(move |c| {
-            Ok(c
-                .query_row(
-                    "SELECT 1 FROM redeemed_links WHERE jti = ?1",
-                    params![jti],
-                    |_| Ok(()),
-                )
-                .optional()?
-                .is_some())
+            Ok(c.query_row(
+                "SELECT 1 FROM redeemed_links WHERE jti = ?1",
+                params![jti],
+                |_| Ok(()),
+            )
+            .optional()?
+            .is_some())
         })
         .await
     }
@@ -219,7 +232,11 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn signing_key(&self, kid: &str, candidate: &[u8]) -> Result<(String, Vec<u8>), StoreError> {
+    async fn signing_key(
+        &self,
+        kid: &str,
+        candidate: &[u8],
+    ) -> Result<(String, Vec<u8>), StoreError> {
         let (kid, candidate) = (kid.to_string(), candidate.to_vec());
         self.with(move |c| {
             let tx = c.transaction()?;
@@ -227,9 +244,11 @@ impl Store for SqliteStore {
                 "INSERT OR IGNORE INTO signing_keys (slot, kid, pkcs8) VALUES (1, ?1, ?2)",
                 params![kid, candidate],
             )?;
-            let row = tx.query_row("SELECT kid, pkcs8 FROM signing_keys WHERE slot = 1", [], |r| {
-                Ok((r.get(0)?, r.get(1)?))
-            })?;
+            let row = tx.query_row(
+                "SELECT kid, pkcs8 FROM signing_keys WHERE slot = 1",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )?;
             tx.commit()?;
             Ok(row)
         })
@@ -285,7 +304,11 @@ mod tests {
         let revs = s.revocations_since(0).await.unwrap();
         assert_eq!(revs[0].1, Revocation::Jti { jti: "x".into() });
         let (kid, key) = s.signing_key("b", b"second").await.unwrap();
-        assert_eq!((kid.as_str(), key.as_slice()), ("a", &b"first"[..]), "first key kept");
+        assert_eq!(
+            (kid.as_str(), key.as_slice()),
+            ("a", &b"first"[..]),
+            "first key kept"
+        );
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();
         assert_eq!(mode & 0o077, 0, "database not readable by others");

@@ -174,8 +174,9 @@ impl std::fmt::Debug for SniResolver {
 
 impl ResolvesServerCert for SniResolver {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        let found = hello.server_name().and_then(|name| {
-            match self.store.by_host.get(name) {
+        let found = hello
+            .server_name()
+            .and_then(|name| match self.store.by_host.get(name) {
                 Some(c) => Some(c.key.clone()),
                 None if name.bytes().any(|b| b.is_ascii_uppercase()) => self
                     .store
@@ -183,8 +184,7 @@ impl ResolvesServerCert for SniResolver {
                     .get(&name.to_ascii_lowercase())
                     .map(|c| c.key.clone()),
                 None => None,
-            }
-        });
+            });
         if found.is_none() {
             self.metrics.tls_unknown_sni.inc();
         }
