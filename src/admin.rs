@@ -104,6 +104,26 @@ fn rfc3339(secs: i64) -> String {
 }
 
 impl AdminApi {
+    /// The domain object of a `[[domains]]` entry served with a static certificate.
+    fn static_domain(&self, hostname: &str) -> Option<Value> {
+        let config = self.gw.config.load();
+        let d = config.domains.iter().find(|d| d.hostname == hostname)?;
+        let cert = self.gw.certs.get(hostname);
+        Some(json!({
+            "hostname": d.hostname,
+            "tenant": d.tenant,
+            "state": if cert.is_some() { "active" } else { "pending_ownership" },
+            "records": [],
+            "last_checked_at": null,
+            "last_error": null,
+            "certificate": cert.map(|c| json!({
+                "not_before": rfc3339(c.not_before),
+                "not_after": rfc3339(c.not_after),
+                "issuer": c.issuer,
+            })),
+        }))
+    }
+
     fn authorized(&self, session: &ServerSession) -> bool {
         let Some(token) = session
             .req_header()
@@ -287,21 +307,40 @@ impl ServeHttp for AdminApi {
             }
             _ => {}
         }
-        if !self.authorized(session) {
-            return error(401, "unauthorized", "a valid bearer token is required");
-        }
+        // The body is read first (bounded) so that refusals keep the connection reusable.
         let body = match Self::read_body(session).await {
             Ok(b) => b,
             Err(resp) => return resp,
         };
+        if !self.authorized(session) {
+            return error(401, "unauthorized", "a valid bearer token is required");
+        }
         match (method, path.as_str()) {
             (Method::POST, "/v1/links") => self.create_link(&body),
             (Method::POST, "/v1/revocations") => self.create_revocation(&body).await,
             (_, "/v1/links" | "/v1/revocations") => error(405, "method_not_allowed", "use POST"),
+            (Method::GET, "/v1/domains") => {
+                let domains: Vec<Value> = self
+                    .gw
+                    .config
+                    .load()
+                    .domains
+                    .iter()
+                    .filter_map(|d| self.static_domain(&d.hostname))
+                    .collect();
+                json_response(200, &json!({ "domains": domains }))
+            }
+            (Method::GET, p) if p.starts_with("/v1/domains/") => {
+                let host = p.trim_start_matches("/v1/domains/").to_ascii_lowercase();
+                match self.static_domain(&host) {
+                    Some(d) => json_response(200, &d),
+                    None => error(404, "not_found", format!("no domain `{host}`")),
+                }
+            }
             (_, p) if p == "/v1/domains" || p.starts_with("/v1/domains/") => error(
                 501,
                 "not_implemented",
-                "custom domains are not available in this build yet",
+                "adding and checking custom domains (DNS + ACME) is not available in this build yet",
             ),
             _ => error(404, "not_found", "no such endpoint"),
         }

@@ -27,7 +27,7 @@ pub struct SignerError(String);
 pub fn generate_key() -> Result<(String, Vec<u8>), SignerError> {
     let kp = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519)
         .map_err(|e| SignerError(e.to_string()))?;
-    let kid = kid_for(&kp.public_key_raw());
+    let kid = kid_for(kp.public_key_raw());
     Ok((kid, kp.serialize_der()))
 }
 

@@ -3,7 +3,7 @@
 //! and shared by every service.
 
 use std::collections::HashMap;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -107,6 +107,10 @@ pub struct Gateway {
     pub claims_cache: DashMap<String, Arc<Map<String, Value>>>,
     /// Session cookies already opened.
     pub session_cache: crate::session::SessionCache<crate::proxy::OpenSession>,
+    /// Requests being handled by the proxy (for draining on SIGTERM).
+    pub in_flight: Arc<AtomicUsize>,
+    /// Set on SIGTERM: responses stop offering keep-alive.
+    pub draining: AtomicBool,
     /// Set once the listeners accept connections.
     pub ready: AtomicBool,
 }
@@ -121,6 +125,23 @@ impl Gateway {
     /// The tenant with this id.
     pub fn tenant(&self, id: &str) -> Option<Arc<Tenant>> {
         self.tenants.load().get(id).cloned()
+    }
+}
+
+/// Counts one in-flight request for as long as it lives.
+pub struct InFlight(Arc<AtomicUsize>);
+
+impl InFlight {
+    /// Counts a request in `counter`.
+    pub fn new(counter: &Arc<AtomicUsize>) -> Self {
+        counter.fetch_add(1, Ordering::AcqRel);
+        Self(counter.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

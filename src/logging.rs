@@ -45,6 +45,12 @@ impl<S: tracing::Subscriber> Layer<S> for HandshakeErrors {
 pub fn init(metrics: Option<Arc<Metrics>>) {
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new(format!("info,{LISTENER_TARGET}=off")));
+    // pingora's trace level prints request headers (and so magic-link tokens): capped.
+    let filter = ["pingora_proxy=debug", "pingora_core=debug"]
+        .into_iter()
+        .filter_map(|d| d.parse().ok())
+        .fold(filter, |f, d| f.add_directive(d));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let json = std::env::var("LINKGATE_LOG_FORMAT").is_ok_and(|v| v == "json");
     let fmt = if json {
         tracing_subscriber::fmt::layer()
@@ -54,6 +60,7 @@ pub fn init(metrics: Option<Arc<Metrics>>) {
             .boxed()
     } else {
         tracing_subscriber::fmt::layer()
+            .with_ansi(ansi)
             .with_writer(std::io::stderr)
             .with_filter(filter)
             .boxed()

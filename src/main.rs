@@ -1,7 +1,7 @@
 //! Command line: `serve`, `check-config`, `mint`, `dev`. Wiring only.
 #![forbid(unsafe_code)]
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -61,7 +61,7 @@ enum Command {
     Dev,
 }
 
-fn load(path: &PathBuf) -> Result<Config, ExitCode> {
+fn load(path: &Path) -> Result<Config, ExitCode> {
     Config::load(path).map_err(|e| {
         for p in &e.problems {
             eprintln!("{p}");

@@ -16,7 +16,7 @@ use pingora::ErrorType;
 use serde_json::{Map, Value};
 
 use crate::config::ConfirmMode;
-use crate::gateway::{now, Gateway, Tenant};
+use crate::gateway::{now, Gateway, InFlight, Tenant};
 use crate::link::{self, LinkContext, LinkError, ValidLink};
 use crate::metrics::Outcome;
 use crate::pages;
@@ -54,6 +54,7 @@ pub struct OpenSession {
 /// Per-request state.
 pub struct RequestCtx {
     start: Instant,
+    _in_flight: InFlight,
     tenant: Option<Arc<Tenant>>,
     host: String,
     outcome: Option<Outcome>,
@@ -735,6 +736,7 @@ impl ProxyHttp for GatewayProxy {
     fn new_ctx(&self) -> RequestCtx {
         RequestCtx {
             start: Instant::now(),
+            _in_flight: InFlight::new(&self.gw.in_flight),
             tenant: None,
             host: String::new(),
             outcome: None,
@@ -742,6 +744,9 @@ impl ProxyHttp for GatewayProxy {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        if self.gw.draining.load(std::sync::atomic::Ordering::Relaxed) {
+            session.set_keepalive(None);
+        }
         self.handle(session, ctx).await
     }
 

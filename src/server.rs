@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,7 +13,7 @@ use async_trait::async_trait;
 use dashmap::DashMap;
 use pingora::listeners::tls::TlsSettings;
 use pingora::server::configuration::{Opt, ServerConf};
-use pingora::server::{Server, ShutdownWatch};
+use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
 use pingora::services::background::{background_service, BackgroundService};
 use pingora::services::listening::Service;
 
@@ -65,6 +65,15 @@ fn install_static(
     for d in &config.domains {
         hosts.insert(d.hostname.clone(), Arc::from(d.tenant.as_str()));
     }
+    let active = config
+        .domains
+        .iter()
+        .filter(|d| certs.contains(&d.hostname))
+        .count();
+    metrics
+        .domains
+        .with_label_values(&["active"])
+        .set(active as i64);
     Ok(())
 }
 
@@ -102,6 +111,8 @@ pub async fn build_gateway(config: Config, metrics: Arc<Metrics>) -> anyhow::Res
         acme_challenges: DashMap::new(),
         claims_cache: DashMap::new(),
         session_cache: crate::session::SessionCache::new(100_000),
+        in_flight: Arc::new(AtomicUsize::new(0)),
+        draining: AtomicBool::new(false),
         ready: AtomicBool::new(false),
         config: ArcSwap::from_pointee(config),
     };
@@ -305,5 +316,49 @@ pub fn serve(
         server.add_boxed_service(s);
     }
     tracing::info!(%https, http = %http_addr, %admin, threads, "linkgate starting");
-    server.run_forever()
+    server.run(RunArgs {
+        shutdown_signal: Box::new(DrainingShutdown { gw }),
+    });
+    tracing::info!("linkgate stopped");
+    std::process::exit(0)
+}
+
+/// Longest time SIGTERM waits for in-flight requests.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(25);
+
+/// SIGTERM: stop offering keep-alive, wait until in-flight requests have finished (at most
+/// [`DRAIN_TIMEOUT`]), then let pingora shut down. SIGINT: fast. SIGQUIT: pingora's upgrade.
+struct DrainingShutdown {
+    gw: Arc<Gateway>,
+}
+
+#[async_trait]
+impl ShutdownSignalWatch for DrainingShutdown {
+    async fn recv(&self) -> ShutdownSignal {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut int), Ok(mut quit)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::quit()),
+        ) else {
+            tracing::error!("cannot install signal handlers");
+            return std::future::pending().await;
+        };
+        tokio::select! {
+            _ = int.recv() => ShutdownSignal::FastShutdown,
+            _ = quit.recv() => ShutdownSignal::GracefulUpgrade,
+            _ = term.recv() => {
+                self.gw.draining.store(true, Ordering::Release);
+                let n = self.gw.in_flight.load(Ordering::Acquire);
+                tracing::info!(in_flight = n, "SIGTERM: draining in-flight requests");
+                let deadline = tokio::time::Instant::now() + DRAIN_TIMEOUT;
+                while self.gw.in_flight.load(Ordering::Acquire) > 0
+                    && tokio::time::Instant::now() < deadline
+                {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                ShutdownSignal::GracefulTerminate
+            }
+        }
+    }
 }

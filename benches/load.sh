@@ -1,0 +1,401 @@
+#!/usr/bin/env bash
+# Load benchmark: authenticated HTTPS keep-alive requests through linkgate,
+# compared in one run with
+#   (a) baseline: a bare pingora + rustls proxy without auth (benches/baseline_proxy.rs)
+#       target: linkgate >= 0.95x its requests/s
+#   (b) HAProxy (Debian's, >= 2.5) doing the same job with jwt_verify: TLS termination,
+#       HS256 check of the session token in a cookie, exp check, identity header
+#       target: linkgate >= 1.2x its requests/s, p99 no worse
+#   (c) linkgate answering 401 (no session cookie) vs forwarding
+#       target: 401s/s >= 0.9x forwarded/s
+# For each run: requests/s, p99 latency, and requests per proxy CPU-second (utime +
+# stime of the proxy process, from /proc/PID/stat).
+#
+# Every proxy runs pinned to PROXY_CPU with one worker thread, wrk to LOAD_CPU
+# (wrk -t1), the upstream (nginx, fixed small 200) to UPSTREAM_CPU. All listeners
+# are on 127.0.0.1; ports are picked free. wrk speaks HTTP/1.1 with keep-alive.
+#
+# Usage: benches/load.sh
+# Environment (defaults):
+#   DURATION=10s  WARMUP=2s  CONNS=50  THREADS=1 (proxy worker threads)
+#   PROXY_CPU=0  LOAD_CPU=1  UPSTREAM_CPU=$LOAD_CPU
+#   ONLY=baseline,haproxy,linkgate   subset of runs (linkgate covers forwarded + 401)
+#   STRICT=0     1: exit 1 when a target is missed
+#   KEEP=0       1: keep the work directory (configs, logs, wrk outputs)
+#   CARGO_TARGET_DIR=/var/tmp/linkgate-target
+# Needs: wrk haproxy nginx openssl curl python3 taskset (apt-installed when missing
+# and running as root).
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/tmp/linkgate-target}
+
+DURATION=${DURATION:-10s}
+WARMUP=${WARMUP:-2s}
+CONNS=${CONNS:-50}
+THREADS=${THREADS:-1}
+PROXY_CPU=${PROXY_CPU:-0}
+LOAD_CPU=${LOAD_CPU:-1}
+UPSTREAM_CPU=${UPSTREAM_CPU:-$LOAD_CPU}
+ONLY=${ONLY:-baseline,haproxy,linkgate}
+STRICT=${STRICT:-0}
+KEEP=${KEEP:-0}
+
+log() { printf '[load] %s\n' "$*" >&2; }
+die() {
+    printf '[load] ERROR: %s\n' "$*" >&2
+    exit 1
+}
+wants() { [[ ",$ONLY," == *",$1,"* ]]; }
+
+# --- Tools ---------------------------------------------------------------------------
+declare -A PKG_OF=([wrk]=wrk [haproxy]=haproxy [nginx]=nginx [openssl]=openssl
+    [curl]=curl [python3]=python3 [taskset]=util-linux)
+missing=()
+for cmd in "${!PKG_OF[@]}"; do
+    command -v "$cmd" >/dev/null 2>&1 || [[ -x /usr/sbin/$cmd ]] || missing+=("${PKG_OF[$cmd]}")
+done
+if ((${#missing[@]})); then
+    [[ $(id -u) -eq 0 ]] || die "missing packages: ${missing[*]} (apt-get install them)"
+    log "installing ${missing[*]}"
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+export PATH=$PATH:/usr/sbin:/sbin
+
+if wants haproxy; then
+    hv=$(haproxy -v | sed -n 's/^HAProxy version \([0-9]*\.[0-9]*\).*/\1/p' | head -1)
+    [[ -n $hv ]] || die "cannot read haproxy's version"
+    if ! awk -v v="$hv" 'BEGIN { split(v, a, "."); exit !(a[1] > 2 || (a[1] == 2 && a[2] >= 5)) }'; then
+        die "HAProxy $hv has no jwt_verify (needs >= 2.5)"
+    fi
+fi
+
+ncpu=$(nproc)
+if ((ncpu < 2)); then
+    log "WARNING: $ncpu CPU: proxy and load generator share it; numbers are not comparable"
+    PROXY_CPU=0 LOAD_CPU=0 UPSTREAM_CPU=0
+fi
+CLK_TCK=$(getconf CLK_TCK)
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+read -r LOADAVG _ </proc/loadavg
+if awk -v l="$LOADAVG" 'BEGIN { exit !(l > 0.5) }'; then
+    log "WARNING: load average $LOADAVG: other work on this machine skews the numbers"
+fi
+
+# --- Work directory and cleanup --------------------------------------------------------
+WORK=$(mktemp -d /tmp/linkgate-load.XXXXXX)
+PIDS=()
+cleanup() {
+    local pid
+    for pid in "${PIDS[@]}"; do
+        kill -INT "$pid" 2>/dev/null || true
+    done
+    sleep 0.3
+    for pid in "${PIDS[@]}"; do
+        kill -KILL "$pid" 2>/dev/null || true
+        wait "$pid" 2>/dev/null || true
+    done
+    if [[ $KEEP == 1 ]]; then
+        log "work directory kept: $WORK"
+    else
+        rm -rf "$WORK"
+    fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# start NAME CPU CMD...: runs CMD pinned to CPU in the background; sets $LAST_PID.
+start() {
+    local name=$1 cpu=$2
+    shift 2
+    taskset -c "$cpu" "$@" >"$WORK/$name.log" 2>&1 &
+    LAST_PID=$!
+    PIDS+=("$LAST_PID")
+}
+
+# stop PID [SIGNAL]: signal, wait up to 10 s, then SIGKILL.
+stop() {
+    local pid=$1 sig=${2:-INT} i
+    kill -"$sig" "$pid" 2>/dev/null || return 0
+    for ((i = 0; i < 100; i++)); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+}
+
+# wait_up NAME PID URL: until URL answers anything over HTTP(S), or fail.
+wait_up() {
+    local name=$1 pid=$2 url=$3 i code
+    for ((i = 0; i < 200; i++)); do
+        kill -0 "$pid" 2>/dev/null || {
+            tail -20 "$WORK/$name.log" >&2
+            die "$name exited during start-up (log above)"
+        }
+        code=$(curl -k -s -o /dev/null -w '%{http_code}' --max-time 1 "$url" || true)
+        [[ $code != 000 ]] && return 0
+        sleep 0.1
+    done
+    tail -20 "$WORK/$name.log" >&2
+    die "$name does not answer on $url"
+}
+
+# expect WHAT STATUS BODY_PATTERN CURL_ARGS...: one checked request before measuring.
+expect() {
+    local what=$1 status=$2 pattern=$3 out code
+    shift 3
+    out=$(curl -k -s --max-time 5 -w '\n%{http_code}' "$@") || die "$what: curl failed"
+    code=${out##*$'\n'}
+    [[ $code == "$status" ]] || die "$what: HTTP $code, expected $status (body: ${out%$'\n'*})"
+    [[ -z $pattern || $out == *"$pattern"* ]] || die "$what: body lacks '$pattern': ${out%$'\n'*}"
+    log "ok: $what -> $code"
+}
+
+cpu_ticks() { # utime + stime of a process, all threads, in clock ticks
+    local stat
+    stat=$(<"/proc/$1/stat")
+    stat=${stat##*) }
+    awk '{ print $12 + $13 }' <<<"$stat"
+}
+
+free_ports() { # N distinct free TCP ports on 127.0.0.1
+    python3 - "$1" <<'EOF'
+import socket, sys
+socks = []
+for _ in range(int(sys.argv[1])):
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    socks.append(s)
+print(" ".join(str(s.getsockname()[1]) for s in socks))
+EOF
+}
+
+render() { # render TEMPLATE OUT KEY=VALUE...: replaces @KEY@
+    local tpl=$1 out=$2 kv expr=()
+    shift 2
+    for kv in "$@"; do
+        expr+=(-e "s|@${kv%%=*}@|${kv#*=}|g")
+    done
+    sed "${expr[@]}" "$tpl" >"$out"
+    if grep -q '@[A-Z_]*@' "$out"; then
+        die "unfilled placeholder in $out: $(grep -o '@[A-Z_]*@' "$out" | head -1)"
+    fi
+}
+
+declare -A RPS P99 RPCPU REQS NON2XX CPUS
+ORDER=()
+
+# measure NAME PID URL [wrk args...]: warm-up, then one measured wrk run; records
+# requests/s, p99 (ms), requests, non-2xx/3xx answers and proxy CPU-seconds.
+measure() {
+    local name=$1 pid=$2 url=$3 out t0 t1
+    shift 3
+    log "$name: warm-up $WARMUP, then $DURATION with $CONNS connections"
+    taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d"$WARMUP" "$@" "$url" >"$WORK/$name.warmup" 2>&1 ||
+        die "$name: wrk warm-up failed: $(cat "$WORK/$name.warmup")"
+    out=$WORK/$name.wrk
+    t0=$(cpu_ticks "$pid")
+    taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d"$DURATION" --latency "$@" "$url" >"$out" 2>&1 ||
+        die "$name: wrk failed: $(cat "$out")"
+    t1=$(cpu_ticks "$pid")
+    sed 's/^/    /' "$out" >&2
+
+    RPS[$name]=$(awk '/^Requests\/sec:/ { print $2 }' "$out")
+    REQS[$name]=$(awk '/ requests in / { print $1 }' "$out")
+    NON2XX[$name]=$(awk '/Non-2xx or 3xx responses:/ { print $NF }' "$out")
+    NON2XX[$name]=${NON2XX[$name]:-0}
+    P99[$name]=$(awk '$1 == "99%" {
+            v = $2; u = v; sub(/[0-9.]+/, "", u); sub(/[a-z]+$/, "", v)
+            f = (u == "us") ? 0.001 : (u == "ms") ? 1 : (u == "s") ? 1000 : (u == "m") ? 60000 : 0
+            printf "%.3f", v * f }' "$out")
+    CPUS[$name]=$(awk -v d=$((t1 - t0)) -v hz="$CLK_TCK" 'BEGIN { printf "%.2f", d / hz }')
+    RPCPU[$name]=$(awk -v n="${REQS[$name]}" -v c="${CPUS[$name]}" 'BEGIN { printf "%.0f", (c > 0) ? n / c : 0 }')
+    [[ -n ${RPS[$name]} && -n ${P99[$name]} && -n ${REQS[$name]} ]] || die "$name: cannot parse wrk output"
+    if grep -q 'Socket errors' "$out"; then
+        log "WARNING: $name: $(grep 'Socket errors' "$out" | sed 's/^ *//')"
+    fi
+    ORDER+=("$name")
+}
+
+# --- Build -----------------------------------------------------------------------------
+log "building release binaries (CARGO_TARGET_DIR=$CARGO_TARGET_DIR)"
+build_args=(--release --bench baseline_proxy)
+wants linkgate && build_args+=(--bin linkgate)
+cargo build "${build_args[@]}" --message-format=json-render-diagnostics >"$WORK/build.json" ||
+    die "cargo build failed"
+artifact() { # artifact KIND NAME -> executable path from cargo's JSON messages
+    python3 - "$WORK/build.json" "$1" "$2" <<'EOF'
+import json, sys
+path, kind, name = sys.argv[1:]
+exe = ""
+for line in open(path):
+    try:
+        m = json.loads(line)
+    except ValueError:
+        continue
+    t = m.get("target", {})
+    if m.get("reason") == "compiler-artifact" and t.get("name") == name and kind in t.get("kind", []) and m.get("executable"):
+        exe = m["executable"]
+print(exe)
+EOF
+}
+BASELINE_BIN=$(artifact bench baseline_proxy)
+[[ -x $BASELINE_BIN ]] || die "baseline_proxy executable not found in cargo's output"
+if wants linkgate; then
+    LINKGATE_BIN=$(artifact bin linkgate)
+    [[ -x $LINKGATE_BIN ]] || die "linkgate executable not found in cargo's output"
+fi
+
+# --- Shared material: certificate, upstream ------------------------------------------
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+    -keyout "$WORK/key.pem" -out "$WORK/cert.pem" -days 7 -subj /CN=localhost \
+    -addext subjectAltName=DNS:localhost 2>/dev/null || die "openssl could not make a certificate"
+cat "$WORK/cert.pem" "$WORK/key.pem" >"$WORK/haproxy.pem"
+
+read -r UPSTREAM_PORT BASELINE_PORT HAPROXY_PORT LG_PORT LG_HTTP_PORT LG_ADMIN_PORT <<<"$(free_ports 6)"
+
+mkdir -p "$WORK/nginx-tmp"
+render benches/load/nginx.conf.in "$WORK/nginx.conf" DIR="$WORK" UPSTREAM_PORT="$UPSTREAM_PORT"
+start nginx "$UPSTREAM_CPU" nginx -c "$WORK/nginx.conf" -p "$WORK" -e "$WORK/nginx.error.log"
+NGINX_PID=$LAST_PID
+wait_up nginx "$NGINX_PID" "http://127.0.0.1:$UPSTREAM_PORT/"
+expect "upstream direct" 200 "ok subject=" "http://127.0.0.1:$UPSTREAM_PORT/"
+
+log "cores: proxy $PROXY_CPU, wrk $LOAD_CPU, upstream $UPSTREAM_CPU; proxy threads $THREADS"
+
+# --- (a) baseline pingora proxy --------------------------------------------------------
+if wants baseline; then
+    start baseline "$PROXY_CPU" "$BASELINE_BIN" serve "127.0.0.1:$BASELINE_PORT" \
+        "$WORK/cert.pem" "$WORK/key.pem" "127.0.0.1:$UPSTREAM_PORT" "$THREADS"
+    pid=$LAST_PID
+    url=https://localhost:$BASELINE_PORT/
+    wait_up baseline "$pid" "$url"
+    expect "baseline forwards" 200 "ok subject=" "$url"
+    measure baseline "$pid" "$url"
+    stop "$pid" INT
+fi
+
+# --- (b) HAProxy with jwt_verify --------------------------------------------------------
+if wants haproxy; then
+    HMAC_SECRET=$(openssl rand -hex 32)
+    jwt() { # jwt SECRET SUB EXP_OFFSET_SECONDS [alg]: HS256 JWT
+        python3 - "$@" <<'EOF'
+import base64, hashlib, hmac, json, sys, time
+secret, sub, off = sys.argv[1], sys.argv[2], int(sys.argv[3])
+b64 = lambda b: base64.urlsafe_b64encode(b).rstrip(b"=").decode()
+head = b64(json.dumps({"alg": "HS256", "typ": "JWT"}, separators=(",", ":")).encode())
+now = int(time.time())
+body = b64(json.dumps({"sub": sub, "iat": now, "exp": now + off}, separators=(",", ":")).encode())
+sig = b64(hmac.new(secret.encode(), f"{head}.{body}".encode(), hashlib.sha256).digest())
+print(f"{head}.{body}.{sig}")
+EOF
+    }
+    TOKEN=$(jwt "$HMAC_SECRET" bench 86400)
+    render benches/load/haproxy.cfg.in "$WORK/haproxy.cfg" DIR="$WORK" PORT="$HAPROXY_PORT" \
+        UPSTREAM_PORT="$UPSTREAM_PORT" HMAC_SECRET="$HMAC_SECRET"
+    haproxy -c -q -f "$WORK/haproxy.cfg" || die "haproxy rejects $WORK/haproxy.cfg"
+    start haproxy "$PROXY_CPU" haproxy -db -f "$WORK/haproxy.cfg"
+    pid=$LAST_PID
+    url=https://localhost:$HAPROXY_PORT/
+    wait_up haproxy "$pid" "$url"
+    expect "haproxy forwards a valid token" 200 "ok subject=bench" -H "Cookie: session=$TOKEN" "$url"
+    expect "haproxy refuses no token" 401 "" "$url"
+    expect "haproxy refuses a bad signature" 401 "" -H "Cookie: session=$(jwt wrong-secret bench 86400)" "$url"
+    expect "haproxy refuses an expired token" 401 "" -H "Cookie: session=$(jwt "$HMAC_SECRET" bench -60)" "$url"
+    measure haproxy "$pid" "$url" -H "Cookie: session=$TOKEN"
+    stop "$pid" TERM
+fi
+
+# --- (c) linkgate: forwarded with a session, and 401 without ----------------------------
+if wants linkgate; then
+    head -c 32 /dev/urandom >"$WORK/session.key"
+    openssl rand -hex 32 | tr -d '\n' >"$WORK/tenant.key"
+    mkdir -p "$WORK/linkgate-state"
+    render benches/load/linkgate.toml.in "$WORK/linkgate.toml" DIR="$WORK" PORT="$LG_PORT" \
+        HTTP_PORT="$LG_HTTP_PORT" ADMIN_PORT="$LG_ADMIN_PORT" UPSTREAM_PORT="$UPSTREAM_PORT" \
+        THREADS="$THREADS"
+    "$LINKGATE_BIN" check-config --config "$WORK/linkgate.toml" || die "linkgate check-config failed"
+    start linkgate "$PROXY_CPU" "$LINKGATE_BIN" serve --config "$WORK/linkgate.toml"
+    pid=$LAST_PID
+    url=https://localhost:$LG_PORT/
+    wait_up linkgate "$pid" "$url"
+    link=$("$LINKGATE_BIN" mint --config "$WORK/linkgate.toml" --tenant bench --sub bench \
+        --host "localhost:$LG_PORT") || die "linkgate mint failed"
+    link=$(tail -1 <<<"$link" | tr -d '[:space:]')
+    redeem=$(curl -k -s -i --max-time 5 "$link") || die "redeeming $link failed"
+    status=$(head -1 <<<"$redeem" | awk '{ print $2 }')
+    [[ $status == 303 ]] || die "redeeming the magic link: HTTP $status, expected 303: $redeem"
+    COOKIE=$(tr -d '\r' <<<"$redeem" | sed -n 's/^[Ss]et-[Cc]ookie: *\([^;]*\).*/\1/p' | head -1)
+    [[ $COOKIE == *=* ]] || die "no session cookie in the 303: $redeem"
+    log "ok: redeemed the magic link -> 303 with ${COOKIE%%=*}"
+    expect "linkgate forwards with a session" 200 "ok subject=bench" -H "Cookie: $COOKIE" "$url"
+    expect "linkgate refuses no session" 401 "session_required" "$url"
+    measure linkgate "$pid" "$url" -H "Cookie: $COOKIE"
+    measure linkgate-401 "$pid" "$url"
+    if [[ ${NON2XX[linkgate]} != 0 ]]; then
+        die "linkgate: ${NON2XX[linkgate]} non-2xx answers while forwarding with a session"
+    fi
+    if [[ ${NON2XX[linkgate-401]} != "${REQS[linkgate-401]}" ]]; then
+        die "linkgate-401: only ${NON2XX[linkgate-401]} of ${REQS[linkgate-401]} answers were not 2xx"
+    fi
+    stop "$pid" TERM
+fi
+if wants baseline && [[ ${NON2XX[baseline]} != 0 ]]; then die "baseline: ${NON2XX[baseline]} non-2xx answers"; fi
+if wants haproxy && [[ ${NON2XX[haproxy]} != 0 ]]; then die "haproxy: ${NON2XX[haproxy]} non-2xx answers"; fi
+
+# --- Report ------------------------------------------------------------------------------
+echo
+echo "linkgate load benchmark: wrk -t1 -c$CONNS -d$DURATION, HTTPS keep-alive, $THREADS proxy thread(s)"
+echo "cores: proxy $PROXY_CPU, wrk $LOAD_CPU, upstream $UPSTREAM_CPU; $(nproc) CPUs, $(uname -r); load average at start $LOADAVG"
+printf '%-14s %12s %10s %12s %10s %12s\n' name "req/s" "p99 ms" "requests" "proxy CPU-s" "req/CPU-s"
+for n in "${ORDER[@]}"; do
+    printf '%-14s %12.0f %10.2f %12d %10.2f %12d\n' "$n" "${RPS[$n]}" "${P99[$n]}" "${REQS[$n]}" \
+        "${CPUS[$n]}" "${RPCPU[$n]}"
+done
+echo
+
+missed=0
+# ratio LABEL A B [TARGET DIR]: prints A/B and, with a TARGET, whether it is met
+# (DIR ge: at least TARGET; le: at most TARGET).
+ratio() {
+    local label=$1 a=$2 b=$3 target=${4:-} dir=${5:-} r verdict=""
+    r=$(awk -v a="$a" -v b="$b" 'BEGIN { printf "%.3f", (b > 0) ? a / b : 0 }')
+    if [[ -n $target ]]; then
+        if awk -v r="$r" -v t="$target" -v d="$dir" 'BEGIN { exit !((d == "ge") ? r >= t : r <= t) }'; then
+            verdict=ok
+        else
+            verdict=MISSED
+            missed=$((missed + 1))
+        fi
+        verdict=$(printf 'target %s %-5s %s' "$([[ $dir == ge ]] && echo '>=' || echo '<=')" "$target" "$verdict")
+    fi
+    printf '  %-44s %7s   %s\n' "$label" "$r" "$verdict"
+}
+echo "ratios"
+if wants linkgate && wants baseline; then
+    ratio "linkgate / baseline pingora, req/s" "${RPS[linkgate]}" "${RPS[baseline]}" 0.95 ge
+    ratio "linkgate / baseline pingora, req/CPU-s" "${RPCPU[linkgate]}" "${RPCPU[baseline]}"
+fi
+if wants linkgate && wants haproxy; then
+    ratio "linkgate / haproxy jwt_verify, req/s" "${RPS[linkgate]}" "${RPS[haproxy]}" 1.2 ge
+    ratio "linkgate / haproxy jwt_verify, p99" "${P99[linkgate]}" "${P99[haproxy]}" 1.0 le
+    ratio "linkgate / haproxy jwt_verify, req/CPU-s" "${RPCPU[linkgate]}" "${RPCPU[haproxy]}"
+fi
+if wants linkgate; then
+    ratio "linkgate 401 / forwarded, req/s" "${RPS[linkgate-401]}" "${RPS[linkgate]}" 0.9 ge
+    ratio "linkgate 401 / forwarded, req/CPU-s" "${RPCPU[linkgate-401]}" "${RPCPU[linkgate]}"
+fi
+if wants haproxy && wants baseline; then
+    ratio "haproxy / baseline pingora, req/s" "${RPS[haproxy]}" "${RPS[baseline]}"
+    ratio "haproxy / baseline pingora, req/CPU-s" "${RPCPU[haproxy]}" "${RPCPU[baseline]}"
+fi
+echo
+if ((missed)); then
+    echo "$missed target(s) missed"
+    [[ $STRICT == 1 ]] && exit 1
+else
+    echo "all targets met"
+fi
+exit 0

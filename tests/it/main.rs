@@ -1,0 +1,12 @@
+//! Black-box integration tests for the `linkgate` binary, written against
+//! the external contract in SPEC.md (CLI, config, magic links, sessions, admin API, metrics).
+
+mod harness;
+
+mod admin;
+mod cli;
+mod confirm;
+mod links;
+mod metrics;
+mod sessions;
+mod tls;
