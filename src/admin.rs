@@ -15,6 +15,7 @@ use serde_json::{json, Map, Value};
 use sha2::Digest;
 use subtle::ConstantTimeEq;
 
+use crate::domains::{DomainError, DomainManager};
 use crate::gateway::{now, Gateway};
 use crate::mint::{LinkForm, MintError, MintRequest};
 use crate::revocation::Revocation;
@@ -25,12 +26,37 @@ const MAX_BODY: usize = 64 * 1024;
 /// The admin application.
 pub struct AdminApi {
     gw: Arc<Gateway>,
+    domains: Option<Arc<DomainManager>>,
 }
 
 impl AdminApi {
-    /// The admin API over the shared gateway state.
-    pub fn new(gw: Arc<Gateway>) -> Self {
-        Self { gw }
+    /// The admin API over the shared gateway state; `domains` when ACME is enabled.
+    pub fn new(gw: Arc<Gateway>, domains: Option<Arc<DomainManager>>) -> Self {
+        Self { gw, domains }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DomainBody {
+    hostname: String,
+    tenant: String,
+}
+
+fn domain_error(e: DomainError) -> Response<Vec<u8>> {
+    match e {
+        DomainError::InvalidHostname(m) => error(400, "invalid_hostname", m),
+        DomainError::UnknownTenant(t) => error(400, "unknown_tenant", format!("no tenant `{t}`")),
+        DomainError::Taken(h) => error(
+            409,
+            "hostname_taken",
+            format!("`{h}` is already registered"),
+        ),
+        DomainError::NotFound(h) => error(404, "not_found", format!("no domain `{h}`")),
+        DomainError::Store(e) => {
+            tracing::error!(error = %e, "store error in the domains API");
+            error(503, "store_unavailable", "the store is not available")
+        }
     }
 }
 
@@ -98,12 +124,83 @@ struct RevocationBody {
     before: Option<TimeArg>,
 }
 
-fn rfc3339(secs: i64) -> String {
+/// Formats Unix seconds as RFC 3339 UTC.
+pub fn rfc3339(secs: i64) -> String {
     let t = std::time::UNIX_EPOCH + Duration::from_secs(secs.max(0) as u64);
     humantime::format_rfc3339_seconds(t).to_string()
 }
 
 impl AdminApi {
+    async fn domains_api(&self, method: Method, path: &str, body: &[u8]) -> Response<Vec<u8>> {
+        let rest = path
+            .trim_start_matches("/v1/domains")
+            .trim_start_matches('/');
+        let (host, action) = match rest.split_once('/') {
+            Some((h, a)) => (h.to_ascii_lowercase(), a),
+            None => (rest.to_ascii_lowercase(), ""),
+        };
+        let statics = || {
+            self.gw
+                .config
+                .load()
+                .domains
+                .iter()
+                .filter_map(|d| self.static_domain(&d.hostname))
+                .collect::<Vec<Value>>()
+        };
+        let Some(dm) = &self.domains else {
+            return match (method, host.as_str(), action) {
+                (Method::GET, "", "") => json_response(200, &json!({ "domains": statics() })),
+                (Method::GET, h, "") => match self.static_domain(h) {
+                    Some(d) => json_response(200, &d),
+                    None => error(404, "not_found", format!("no domain `{h}`")),
+                },
+                _ => error(
+                    501,
+                    "not_implemented",
+                    "custom domains need [acme] enabled = true",
+                ),
+            };
+        };
+        match (method, host.as_str(), action) {
+            (Method::POST, "", "") => {
+                let b: DomainBody = match serde_json::from_slice(body) {
+                    Ok(b) => b,
+                    Err(e) => return invalid_body(e),
+                };
+                match dm.create(&b.hostname, &b.tenant).await {
+                    Ok(row) => json_response(201, &dm.view(&row)),
+                    Err(e) => domain_error(e),
+                }
+            }
+            (Method::GET, "", "") => match dm.list().await {
+                Ok(rows) => {
+                    let mut all = statics();
+                    all.extend(rows.iter().map(|r| dm.view(r)));
+                    json_response(200, &json!({ "domains": all }))
+                }
+                Err(e) => domain_error(e),
+            },
+            (Method::GET, h, "") => match dm.get(h).await {
+                Ok(Some(row)) => json_response(200, &dm.view(&row)),
+                Ok(None) => match self.static_domain(h) {
+                    Some(d) => json_response(200, &d),
+                    None => error(404, "not_found", format!("no domain `{h}`")),
+                },
+                Err(e) => domain_error(e),
+            },
+            (Method::DELETE, h, "") if !h.is_empty() => match dm.delete(h).await {
+                Ok(()) => respond(204, "application/json", Vec::new()),
+                Err(e) => domain_error(e),
+            },
+            (Method::POST, h, "check") if !h.is_empty() => match dm.check_now(h).await {
+                Ok(row) => json_response(200, &dm.view(&row)),
+                Err(e) => domain_error(e),
+            },
+            _ => error(405, "method_not_allowed", "not a domains API operation"),
+        }
+    }
+
     /// The domain object of a `[[domains]]` entry served with a static certificate.
     fn static_domain(&self, hostname: &str) -> Option<Value> {
         let config = self.gw.config.load();
@@ -319,29 +416,9 @@ impl ServeHttp for AdminApi {
             (Method::POST, "/v1/links") => self.create_link(&body),
             (Method::POST, "/v1/revocations") => self.create_revocation(&body).await,
             (_, "/v1/links" | "/v1/revocations") => error(405, "method_not_allowed", "use POST"),
-            (Method::GET, "/v1/domains") => {
-                let domains: Vec<Value> = self
-                    .gw
-                    .config
-                    .load()
-                    .domains
-                    .iter()
-                    .filter_map(|d| self.static_domain(&d.hostname))
-                    .collect();
-                json_response(200, &json!({ "domains": domains }))
+            (m, p) if p == "/v1/domains" || p.starts_with("/v1/domains/") => {
+                self.domains_api(m, p, &body).await
             }
-            (Method::GET, p) if p.starts_with("/v1/domains/") => {
-                let host = p.trim_start_matches("/v1/domains/").to_ascii_lowercase();
-                match self.static_domain(&host) {
-                    Some(d) => json_response(200, &d),
-                    None => error(404, "not_found", format!("no domain `{host}`")),
-                }
-            }
-            (_, p) if p == "/v1/domains" || p.starts_with("/v1/domains/") => error(
-                501,
-                "not_implemented",
-                "adding and checking custom domains (DNS + ACME) is not available in this build yet",
-            ),
             _ => error(404, "not_found", "no such endpoint"),
         }
     }

@@ -82,6 +82,7 @@ mod raw {
         pub challenge: Option<String>,
         pub ca_file: Option<PathBuf>,
         pub renew_before: Option<String>,
+        pub orders_per_minute: Option<u32>,
     }
 
     #[derive(Deserialize, Default)]
@@ -244,6 +245,8 @@ pub struct AcmeConfig {
     pub contact: Vec<String>,
     pub ca_file: Option<PathBuf>,
     pub renew_before: Duration,
+    /// New ACME orders allowed per minute and account.
+    pub orders_per_minute: u32,
 }
 
 /// `[dns]`.
@@ -719,7 +722,21 @@ impl Validator {
             contact: acme.contact.unwrap_or_default(),
             ca_file: acme.ca_file.filter(|p| !p.as_os_str().is_empty()),
             renew_before: self.duration(acme.renew_before, "30d", "acme.renew_before"),
+            orders_per_minute: acme.orders_per_minute.unwrap_or(10),
         };
+        if acme.orders_per_minute == 0 || acme.orders_per_minute > 10_000 {
+            self.err("acme.orders_per_minute", "must be between 1 and 10000");
+        }
+        if acme.enabled {
+            if !(acme.directory.starts_with("https://") || acme.directory.starts_with("http://")) {
+                self.err("acme.directory", "must be an http(s) URL");
+            }
+            if let Some(f) = &acme.ca_file {
+                if let Err(e) = read_limited(f, MAX_SECRET_BYTES) {
+                    self.err("acme.ca_file", format!("cannot read {}: {e}", f.display()));
+                }
+            }
+        }
         let mut nameservers = Vec::new();
         for (i, ns) in dns.nameservers.unwrap_or_default().iter().enumerate() {
             let parsed = ns.parse::<SocketAddr>().or_else(|_| {
@@ -747,10 +764,14 @@ impl Validator {
             if dns.verify_zone.is_empty() {
                 self.err("dns.verify_zone", "required when acme.enabled");
             }
-            self.err(
-                "acme.enabled",
-                "ACME issuance is not available in this build yet; serve names with [[certificates]]",
-            );
+            for (key, v) in [
+                ("dns.edge_target", &dns.edge_target),
+                ("dns.verify_zone", &dns.verify_zone),
+            ] {
+                if !v.is_empty() && normalize_hostname(v).is_err() {
+                    self.err(key, format!("`{v}` is not a valid DNS name"));
+                }
+            }
         }
         let webhooks = WebhooksConfig {
             allow_private_targets: webhooks.allow_private_targets.unwrap_or(false),

@@ -6,10 +6,13 @@
 //! into one validated [`config::Config`]; [`store`] is the only code touching the database.
 #![forbid(unsafe_code)]
 
+pub mod acme;
 pub mod admin;
 pub mod assertion;
 pub mod config;
 pub mod dev;
+pub mod dns;
+pub mod domains;
 pub mod gateway;
 pub mod link;
 pub mod logging;

@@ -20,6 +20,7 @@ use pingora::services::listening::Service;
 use crate::admin::AdminApi;
 use crate::assertion::AssertionSigner;
 use crate::config::{Config, StoreUrl};
+use crate::domains::DomainManager;
 use crate::gateway::{now, Gateway, Tenant};
 use crate::metrics::Metrics;
 use crate::proxy::GatewayProxy;
@@ -273,7 +274,16 @@ pub fn serve(
             .unwrap_or(1),
         n => n,
     };
+    let acme_enabled = config.acme.enabled;
     let gw = startup.block_on(build_gateway(config, metrics))?;
+    let domains = if acme_enabled {
+        let dm = Arc::new(DomainManager::new(gw.clone(), &gw.config.load())?);
+        let served = startup.block_on(dm.load())?;
+        tracing::info!(served, "custom-domain certificates loaded");
+        Some(dm)
+    } else {
+        None
+    };
     drop(startup);
 
     let conf = ServerConf {
@@ -298,7 +308,10 @@ pub fn serve(
 
     let mut http = Service::new("http".to_string(), HttpRedirect::new(gw.clone()));
     http.add_tcp(&http_addr.to_string());
-    let mut admin_svc = Service::new("admin".to_string(), AdminApi::new(gw.clone()));
+    let mut admin_svc = Service::new(
+        "admin".to_string(),
+        AdminApi::new(gw.clone(), domains.clone()),
+    );
     admin_svc.add_tcp(&admin.to_string());
     let housekeeping = background_service(
         "housekeeping",
@@ -312,6 +325,9 @@ pub fn serve(
     server.add_service(http);
     server.add_service(admin_svc);
     server.add_service(housekeeping);
+    if let Some(dm) = domains {
+        server.add_service(background_service("domains", DomainScheduler(dm)));
+    }
     for s in extra {
         server.add_boxed_service(s);
     }
@@ -321,6 +337,16 @@ pub fn serve(
     });
     tracing::info!("linkgate stopped");
     std::process::exit(0)
+}
+
+/// Runs the custom-domain scheduler as a pingora background service.
+struct DomainScheduler(Arc<DomainManager>);
+
+#[async_trait]
+impl BackgroundService for DomainScheduler {
+    async fn start(&self, shutdown: ShutdownWatch) {
+        self.0.clone().run(shutdown).await;
+    }
 }
 
 /// Longest time SIGTERM waits for in-flight requests.

@@ -28,6 +28,62 @@ pub enum StoreError {
     Task(String),
 }
 
+/// One custom domain as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DomainRow {
+    pub hostname: String,
+    pub tenant: String,
+    /// Ownership token (the first label of the ownership CNAME's target).
+    pub token: String,
+    /// One of the contract's states.
+    pub state: String,
+    /// The last DNS check's records, as the admin API's JSON array.
+    pub records: String,
+    pub last_checked_at: Option<i64>,
+    pub last_error: Option<String>,
+    pub cert_pem: Option<String>,
+    pub key_pem: Option<String>,
+    pub not_before: Option<i64>,
+    pub not_after: Option<i64>,
+    pub issuer: Option<String>,
+    /// Consecutive failed ACME attempts.
+    pub failures: i64,
+    /// Consecutive checks that did not see the routing CNAME.
+    pub routing_misses: i64,
+    /// When the scheduler looks at this domain next (Unix seconds).
+    pub next_check_at: i64,
+    /// When renewal is due (Unix seconds).
+    pub renew_after: Option<i64>,
+    pub created_at: i64,
+}
+
+const DOMAIN_COLUMNS: &str =
+    "hostname, tenant, token, state, records, last_checked_at, last_error, \
+    cert_pem, key_pem, not_before, not_after, issuer, failures, routing_misses, next_check_at, \
+    renew_after, created_at";
+
+fn domain_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DomainRow> {
+    Ok(DomainRow {
+        hostname: r.get(0)?,
+        tenant: r.get(1)?,
+        token: r.get(2)?,
+        state: r.get(3)?,
+        records: r.get(4)?,
+        last_checked_at: r.get(5)?,
+        last_error: r.get(6)?,
+        cert_pem: r.get(7)?,
+        key_pem: r.get(8)?,
+        not_before: r.get(9)?,
+        not_after: r.get(10)?,
+        issuer: r.get(11)?,
+        failures: r.get(12)?,
+        routing_misses: r.get(13)?,
+        next_check_at: r.get(14)?,
+        renew_after: r.get(15)?,
+        created_at: r.get(16)?,
+    })
+}
+
 /// The operations the gateway needs from durable storage.
 #[async_trait]
 pub trait Store: Send + Sync {
@@ -65,6 +121,38 @@ pub trait Store: Send + Sync {
     async fn prune(&self, now: i64) -> Result<(), StoreError>;
     /// True when the store answers.
     async fn ping(&self) -> bool;
+    /// Adds a domain; false when the hostname is taken.
+    async fn insert_domain(&self, d: &DomainRow) -> Result<bool, StoreError>;
+    /// Replaces a domain's row; false when it was deleted meanwhile (nothing written).
+    async fn update_domain(&self, d: &DomainRow) -> Result<bool, StoreError>;
+    /// Removes a domain; false when there was none.
+    async fn delete_domain(&self, hostname: &str) -> Result<bool, StoreError>;
+    /// One domain.
+    async fn domain(&self, hostname: &str) -> Result<Option<DomainRow>, StoreError>;
+    /// Every domain, by hostname.
+    async fn domains(&self) -> Result<Vec<DomainRow>, StoreError>;
+    /// Up to `limit` domains whose `next_check_at` has come.
+    async fn due_domains(&self, now: i64, limit: usize) -> Result<Vec<DomainRow>, StoreError>;
+    /// Takes the per-hostname issuance lock for `owner` until `until`; false when another
+    /// node holds it.
+    async fn lock_domain(
+        &self,
+        hostname: &str,
+        owner: &str,
+        until: i64,
+        now: i64,
+    ) -> Result<bool, StoreError>;
+    /// Releases the lock if `owner` holds it.
+    async fn unlock_domain(&self, hostname: &str, owner: &str) -> Result<(), StoreError>;
+    /// Stored ACME account credentials (JSON) for a directory URL.
+    async fn acme_account(&self, directory: &str) -> Result<Option<String>, StoreError>;
+    /// Stores (replacing) ACME account credentials for a directory URL.
+    async fn put_acme_account(
+        &self,
+        directory: &str,
+        credentials: &str,
+        now: i64,
+    ) -> Result<(), StoreError>;
 }
 
 /// The embedded SQLite store (one file, WAL mode).
@@ -88,6 +176,33 @@ CREATE TABLE IF NOT EXISTS session_claims (
     tenant TEXT NOT NULL,
     claims TEXT NOT NULL,
     expires_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS domains (
+    hostname TEXT PRIMARY KEY,
+    tenant TEXT NOT NULL,
+    token TEXT NOT NULL,
+    state TEXT NOT NULL,
+    records TEXT NOT NULL,
+    last_checked_at INTEGER,
+    last_error TEXT,
+    cert_pem TEXT,
+    key_pem TEXT,
+    not_before INTEGER,
+    not_after INTEGER,
+    issuer TEXT,
+    failures INTEGER NOT NULL DEFAULT 0,
+    routing_misses INTEGER NOT NULL DEFAULT 0,
+    next_check_at INTEGER NOT NULL DEFAULT 0,
+    renew_after INTEGER,
+    created_at INTEGER NOT NULL,
+    lock_owner TEXT,
+    lock_until INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS domains_due ON domains (next_check_at);
+CREATE TABLE IF NOT EXISTS acme_accounts (
+    directory TEXT PRIMARY KEY,
+    credentials TEXT NOT NULL,
+    created_at INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS signing_keys (
     slot INTEGER PRIMARY KEY CHECK (slot = 1),
@@ -276,6 +391,140 @@ impl Store for SqliteStore {
             .await
             .is_ok()
     }
+
+    async fn insert_domain(&self, d: &DomainRow) -> Result<bool, StoreError> {
+        let d = d.clone();
+        self.with(move |c| {
+            let n = c.execute(
+                &format!("INSERT OR IGNORE INTO domains ({DOMAIN_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)"),
+                params![d.hostname, d.tenant, d.token, d.state, d.records, d.last_checked_at, d.last_error,
+                    d.cert_pem, d.key_pem, d.not_before, d.not_after, d.issuer, d.failures, d.routing_misses,
+                    d.next_check_at, d.renew_after, d.created_at],
+            )?;
+            Ok(n == 1)
+        })
+        .await
+    }
+
+    async fn update_domain(&self, d: &DomainRow) -> Result<bool, StoreError> {
+        let d = d.clone();
+        self.with(move |c| {
+            let n = c.execute(
+                "UPDATE domains SET tenant = ?2, token = ?3, state = ?4, records = ?5, last_checked_at = ?6, \
+                 last_error = ?7, cert_pem = ?8, key_pem = ?9, not_before = ?10, not_after = ?11, issuer = ?12, \
+                 failures = ?13, routing_misses = ?14, next_check_at = ?15, renew_after = ?16 WHERE hostname = ?1",
+                params![d.hostname, d.tenant, d.token, d.state, d.records, d.last_checked_at, d.last_error,
+                    d.cert_pem, d.key_pem, d.not_before, d.not_after, d.issuer, d.failures, d.routing_misses,
+                    d.next_check_at, d.renew_after],
+            )?;
+            Ok(n == 1)
+        })
+        .await
+    }
+
+    async fn delete_domain(&self, hostname: &str) -> Result<bool, StoreError> {
+        let h = hostname.to_string();
+        self.with(move |c| {
+            Ok(c.execute("DELETE FROM domains WHERE hostname = ?1", params![h])? == 1)
+        })
+        .await
+    }
+
+    async fn domain(&self, hostname: &str) -> Result<Option<DomainRow>, StoreError> {
+        let h = hostname.to_string();
+        self.with(move |c| {
+            Ok(c.query_row(
+                &format!("SELECT {DOMAIN_COLUMNS} FROM domains WHERE hostname = ?1"),
+                params![h],
+                domain_from_row,
+            )
+            .optional()?)
+        })
+        .await
+    }
+
+    async fn domains(&self) -> Result<Vec<DomainRow>, StoreError> {
+        self.with(move |c| {
+            let mut stmt = c.prepare_cached(&format!(
+                "SELECT {DOMAIN_COLUMNS} FROM domains ORDER BY hostname"
+            ))?;
+            let rows = stmt.query_map([], domain_from_row)?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+        .await
+    }
+
+    async fn due_domains(&self, now: i64, limit: usize) -> Result<Vec<DomainRow>, StoreError> {
+        self.with(move |c| {
+            let mut stmt = c.prepare_cached(&format!(
+                "SELECT {DOMAIN_COLUMNS} FROM domains WHERE next_check_at <= ?1 ORDER BY next_check_at LIMIT ?2"
+            ))?;
+            let rows = stmt.query_map(params![now, limit as i64], domain_from_row)?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+        .await
+    }
+
+    async fn lock_domain(
+        &self,
+        hostname: &str,
+        owner: &str,
+        until: i64,
+        now: i64,
+    ) -> Result<bool, StoreError> {
+        let (h, o) = (hostname.to_string(), owner.to_string());
+        self.with(move |c| {
+            let n = c.execute(
+                "UPDATE domains SET lock_owner = ?2, lock_until = ?3 \
+                 WHERE hostname = ?1 AND (lock_until < ?4 OR lock_owner = ?2 OR lock_owner IS NULL)",
+                params![h, o, until, now],
+            )?;
+            Ok(n == 1)
+        })
+        .await
+    }
+
+    async fn unlock_domain(&self, hostname: &str, owner: &str) -> Result<(), StoreError> {
+        let (h, o) = (hostname.to_string(), owner.to_string());
+        self.with(move |c| {
+            c.execute(
+                "UPDATE domains SET lock_owner = NULL, lock_until = 0 WHERE hostname = ?1 AND lock_owner = ?2",
+                params![h, o],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn acme_account(&self, directory: &str) -> Result<Option<String>, StoreError> {
+        let d = directory.to_string();
+        self.with(move |c| {
+            Ok(c.query_row(
+                "SELECT credentials FROM acme_accounts WHERE directory = ?1",
+                params![d],
+                |r| r.get(0),
+            )
+            .optional()?)
+        })
+        .await
+    }
+
+    async fn put_acme_account(
+        &self,
+        directory: &str,
+        credentials: &str,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        let (d, cr) = (directory.to_string(), credentials.to_string());
+        self.with(move |c| {
+            c.execute(
+                "INSERT OR REPLACE INTO acme_accounts (directory, credentials, created_at) VALUES (?1, ?2, ?3)",
+                params![d, cr, now],
+            )?;
+            Ok(())
+        })
+        .await
+    }
 }
 
 #[cfg(test)]
@@ -308,6 +557,49 @@ mod tests {
             (kid.as_str(), key.as_slice()),
             ("a", &b"first"[..]),
             "first key kept"
+        );
+        let row = DomainRow {
+            hostname: "links.example.test".into(),
+            tenant: "acme".into(),
+            token: "t".into(),
+            state: "pending_ownership".into(),
+            records: "[]".into(),
+            last_checked_at: None,
+            last_error: None,
+            cert_pem: None,
+            key_pem: None,
+            not_before: None,
+            not_after: None,
+            issuer: None,
+            failures: 0,
+            routing_misses: 0,
+            next_check_at: 0,
+            renew_after: None,
+            created_at: 1,
+        };
+        assert!(s.insert_domain(&row).await.unwrap());
+        assert!(!s.insert_domain(&row).await.unwrap(), "hostname taken");
+        assert!(s.lock_domain(&row.hostname, "a", 100, 10).await.unwrap());
+        assert!(
+            !s.lock_domain(&row.hostname, "b", 100, 10).await.unwrap(),
+            "held by a"
+        );
+        assert!(
+            s.lock_domain(&row.hostname, "b", 200, 101).await.unwrap(),
+            "expired"
+        );
+        let mut changed = row.clone();
+        changed.state = "active".into();
+        assert!(s.update_domain(&changed).await.unwrap());
+        assert_eq!(
+            s.domain(&row.hostname).await.unwrap().unwrap().state,
+            "active"
+        );
+        assert_eq!(s.due_domains(0, 10).await.unwrap().len(), 1);
+        assert!(s.delete_domain(&row.hostname).await.unwrap());
+        assert!(
+            !s.update_domain(&changed).await.unwrap(),
+            "deleted stays deleted"
         );
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();

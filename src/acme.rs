@@ -1,0 +1,334 @@
+//! ACME (RFC 8555) with `instant-acme`: one account per directory, created once and kept in
+//! the store; HTTP-01 challenges answered by the plain-HTTP listener; a fresh P-256 key and
+//! CSR per order; the issued chain checked to parse, match its key and cover the name before
+//! it is returned; new orders rate-limited per account; renewal windows from ARI when offered.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+use instant_acme::{
+    Account, AccountCredentials, AuthorizationStatus, ChallengeType, Identifier, NewAccount,
+    NewOrder, OrderStatus, RetryPolicy,
+};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::CertificateDer;
+use tokio::sync::Mutex;
+
+use crate::config::AcmeConfig;
+use crate::gateway::now;
+use crate::store::Store;
+use crate::tls::{certified_key_from_pem, LoadedCert};
+
+/// Why an order failed, in words an operator can act on.
+#[derive(Debug, thiserror::Error)]
+pub enum AcmeError {
+    #[error("cannot reach the ACME server at {directory}: {detail}")]
+    Unreachable { directory: String, detail: String },
+    #[error("the ACME server refused the request: {0}")]
+    Api(String),
+    #[error("the CA could not validate the HTTP-01 challenge for {host}: {detail}")]
+    Validation { host: String, detail: String },
+    #[error("the ACME order did not complete: {0}")]
+    Order(String),
+    #[error("the issued certificate is not usable: {0}")]
+    BadCertificate(String),
+    #[error("store: {0}")]
+    Store(#[from] crate::store::StoreError),
+    #[error("cannot prepare a key or CSR: {0}")]
+    Key(String),
+}
+
+impl AcmeError {
+    fn from_acme(directory: &str, e: instant_acme::Error) -> Self {
+        match e {
+            instant_acme::Error::Api(p) => AcmeError::Api(p.to_string()),
+            other => {
+                let detail = other.to_string();
+                if detail.contains("connect")
+                    || detail.contains("hyper")
+                    || detail.contains("error sending")
+                {
+                    AcmeError::Unreachable {
+                        directory: directory.to_string(),
+                        detail,
+                    }
+                } else {
+                    AcmeError::Order(detail)
+                }
+            }
+        }
+    }
+
+    fn account_gone(&self) -> bool {
+        matches!(self, AcmeError::Api(m) if m.contains("accountDoesNotExist") || m.contains("account") && m.contains("not"))
+    }
+}
+
+/// A certificate obtained from the CA.
+pub struct Issued {
+    pub chain_pem: String,
+    pub key_pem: String,
+    pub loaded: LoadedCert,
+}
+
+/// Removes challenge answers when an order ends, whatever the outcome.
+struct ChallengeGuard<'a> {
+    answers: &'a DashMap<String, String>,
+    tokens: Vec<String>,
+}
+
+impl Drop for ChallengeGuard<'_> {
+    fn drop(&mut self) {
+        for t in &self.tokens {
+            self.answers.remove(t);
+        }
+    }
+}
+
+/// The gateway's ACME client.
+pub struct AcmeClient {
+    config: AcmeConfig,
+    store: Arc<dyn Store>,
+    account: Mutex<Option<Arc<Account>>>,
+    recent_orders: Mutex<VecDeque<Instant>>,
+}
+
+impl AcmeClient {
+    /// A client for `config`'s directory; the account is loaded or created on first use.
+    pub fn new(config: AcmeConfig, store: Arc<dyn Store>) -> Self {
+        Self {
+            config,
+            store,
+            account: Mutex::new(None),
+            recent_orders: Mutex::new(VecDeque::new()),
+        }
+    }
+
+    fn builder(&self) -> Result<instant_acme::AccountBuilder, AcmeError> {
+        let r = match &self.config.ca_file {
+            Some(ca) => instant_acme::Account::builder_with_root(ca),
+            None => instant_acme::Account::builder(),
+        };
+        r.map_err(|e| AcmeError::from_acme(&self.config.directory, e))
+    }
+
+    /// The account: from memory, else from the store, else created (once) and stored.
+    async fn account(&self, fresh: bool) -> Result<Arc<Account>, AcmeError> {
+        let mut slot = self.account.lock().await;
+        if !fresh {
+            if let Some(a) = slot.as_ref() {
+                return Ok(a.clone());
+            }
+            if let Some(json) = self.store.acme_account(&self.config.directory).await? {
+                if let Ok(creds) = serde_json::from_str::<AccountCredentials>(&json) {
+                    let a = self
+                        .builder()?
+                        .from_credentials(creds)
+                        .await
+                        .map_err(|e| AcmeError::from_acme(&self.config.directory, e))?;
+                    let a = Arc::new(a);
+                    *slot = Some(a.clone());
+                    return Ok(a);
+                }
+            }
+        }
+        let contact: Vec<&str> = self.config.contact.iter().map(String::as_str).collect();
+        let (account, creds) = self
+            .builder()?
+            .create(
+                &NewAccount {
+                    contact: &contact,
+                    terms_of_service_agreed: true,
+                    only_return_existing: false,
+                },
+                self.config.directory.clone(),
+                None,
+            )
+            .await
+            .map_err(|e| AcmeError::from_acme(&self.config.directory, e))?;
+        let json = serde_json::to_string(&creds).map_err(|e| AcmeError::Order(e.to_string()))?;
+        self.store
+            .put_acme_account(&self.config.directory, &json, now())
+            .await?;
+        tracing::info!(directory = %self.config.directory, account = account.id(), "ACME account created");
+        let a = Arc::new(account);
+        *slot = Some(a.clone());
+        Ok(a)
+    }
+
+    /// Waits until a new order keeps within `orders_per_minute` over any 60 s window.
+    async fn rate_limit(&self, host: &str) {
+        let window = Duration::from_secs(60);
+        let max = self.config.orders_per_minute.max(1) as usize;
+        loop {
+            let wait = {
+                let mut recent = self.recent_orders.lock().await;
+                let now = Instant::now();
+                while recent
+                    .front()
+                    .is_some_and(|t| now.duration_since(*t) >= window)
+                {
+                    recent.pop_front();
+                }
+                if recent.len() < max {
+                    recent.push_back(now);
+                    return;
+                }
+                window - now.duration_since(recent[0])
+            };
+            tracing::info!(
+                hostname = host,
+                wait_secs = wait.as_secs(),
+                "ACME: order rate limit reached; waiting"
+            );
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    /// Orders a certificate for `host`, answering HTTP-01 through `answers`.
+    pub async fn issue(
+        &self,
+        host: &str,
+        answers: &DashMap<String, String>,
+    ) -> Result<Issued, AcmeError> {
+        self.rate_limit(host).await;
+        let account = self.account(false).await?;
+        match self.order(&account, host, answers).await {
+            Err(e) if e.account_gone() => {
+                tracing::warn!(
+                    hostname = host,
+                    "ACME: the CA no longer knows our account; registering again"
+                );
+                let account = self.account(true).await?;
+                self.order(&account, host, answers).await
+            }
+            r => r,
+        }
+    }
+
+    async fn order(
+        &self,
+        account: &Account,
+        host: &str,
+        answers: &DashMap<String, String>,
+    ) -> Result<Issued, AcmeError> {
+        let dir = &self.config.directory;
+        tracing::info!(hostname = host, "ACME: ordering a certificate");
+        let ids = [Identifier::Dns(host.to_string())];
+        let mut order = account
+            .new_order(&NewOrder::new(&ids))
+            .await
+            .map_err(|e| AcmeError::from_acme(dir, e))?;
+        let mut guard = ChallengeGuard {
+            answers,
+            tokens: Vec::new(),
+        };
+        {
+            let mut authzs = order.authorizations();
+            while let Some(a) = authzs.next().await {
+                let mut authz = a.map_err(|e| AcmeError::from_acme(dir, e))?;
+                match authz.status {
+                    AuthorizationStatus::Pending => {}
+                    AuthorizationStatus::Valid => continue,
+                    s => return Err(AcmeError::Order(format!("authorization is {s:?}"))),
+                }
+                let mut ch = authz.challenge(ChallengeType::Http01).ok_or_else(|| {
+                    AcmeError::Order("the CA offered no http-01 challenge".into())
+                })?;
+                let token = ch.token.clone();
+                answers.insert(token.clone(), ch.key_authorization().as_str().to_string());
+                guard.tokens.push(token);
+                tracing::info!(hostname = host, "ACME: answering the HTTP-01 challenge");
+                ch.set_ready()
+                    .await
+                    .map_err(|e| AcmeError::from_acme(dir, e))?;
+            }
+        }
+        let retry = RetryPolicy::new()
+            .initial_delay(Duration::from_millis(250))
+            .timeout(Duration::from_secs(90));
+        let status = order
+            .poll_ready(&retry)
+            .await
+            .map_err(|e| AcmeError::from_acme(dir, e))?;
+        if status != OrderStatus::Ready {
+            let mut detail = format!("order is {status:?}");
+            let mut authzs = order.authorizations();
+            while let Some(Ok(a)) = authzs.next().await {
+                if let Some(p) = a.challenges.iter().find_map(|c| c.error.as_ref()) {
+                    detail = p.to_string();
+                }
+            }
+            return Err(AcmeError::Validation {
+                host: host.to_string(),
+                detail,
+            });
+        }
+        tracing::info!(
+            hostname = host,
+            "ACME: challenge validated; finalizing with a new P-256 key"
+        );
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+            .map_err(|e| AcmeError::Key(e.to_string()))?;
+        let params = rcgen::CertificateParams::new(vec![host.to_string()])
+            .map_err(|e| AcmeError::Key(e.to_string()))?;
+        let csr = params
+            .serialize_request(&key)
+            .map_err(|e| AcmeError::Key(e.to_string()))?;
+        order
+            .finalize_csr(csr.der())
+            .await
+            .map_err(|e| AcmeError::from_acme(dir, e))?;
+        let chain_pem = order
+            .poll_certificate(&retry)
+            .await
+            .map_err(|e| AcmeError::from_acme(dir, e))?;
+        drop(guard);
+        let key_pem = key.serialize_pem();
+        let loaded = certified_key_from_pem(chain_pem.as_bytes(), key_pem.as_bytes())
+            .map_err(|e| AcmeError::BadCertificate(e.to_string()))?;
+        if !loaded.covers(host) {
+            return Err(AcmeError::BadCertificate(format!(
+                "it does not cover {host}"
+            )));
+        }
+        tracing::info!(hostname = host, not_after = %crate::admin::rfc3339(loaded.not_after), issuer = %loaded.issuer, "ACME: certificate issued");
+        Ok(Issued {
+            chain_pem,
+            key_pem,
+            loaded,
+        })
+    }
+
+    /// The CA's suggested renewal time (ARI, RFC 9773) for `chain_pem`, when it offers one:
+    /// a point inside the suggested window.
+    pub async fn renewal_time(&self, chain_pem: &str) -> Option<i64> {
+        let account = self.account(false).await.ok()?;
+        let leaf = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
+            .next()?
+            .ok()?;
+        let id = instant_acme::CertificateIdentifier::try_from(&leaf).ok()?;
+        match account.renewal_info(&id).await {
+            Ok((info, _)) => {
+                let start = info.suggested_window.start.unix_timestamp();
+                let end = info.suggested_window.end.unix_timestamp();
+                let span = (end - start).max(0);
+                Some(
+                    start
+                        + if span > 0 {
+                            rand::random::<i64>().rem_euclid(span)
+                        } else {
+                            0
+                        },
+                )
+            }
+            Err(instant_acme::Error::Unsupported(_)) => None,
+            Err(e) => {
+                tracing::debug!(error = %e, "ARI lookup failed; using renew_before");
+                None
+            }
+        }
+    }
+}

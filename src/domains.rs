@@ -1,0 +1,561 @@
+//! Custom domains: the state machine of the contract's section 5 and its scheduler.
+//!
+//! `pending_ownership → pending_routing → issuing → active`, with `failed` (ACME attempt
+//! failed; retried with exponential backoff) and `moved` (routing CNAME gone for several
+//! checks: no renewal, still served until expiry). Every state change is written to the store
+//! before it takes effect; certificates are published to the SNI map without restart.
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use dashmap::DashMap;
+use serde_json::{json, Value};
+
+use crate::acme::{AcmeClient, Issued};
+use crate::admin::rfc3339;
+use crate::config::Config;
+use crate::dns::{DnsChecker, DomainDns, RecordCheck, RecordStatus};
+use crate::gateway::{now, Gateway};
+use crate::metrics::DOMAIN_STATES;
+use crate::store::{DomainRow, StoreError};
+use crate::tls::certified_key_from_pem;
+
+/// Consecutive checks without the routing CNAME before an active domain is `moved`.
+const MOVED_AFTER: i64 = 3;
+/// Longest retry backoff after failed orders.
+const MAX_BACKOFF: i64 = 3600;
+/// A renewed certificate is not renewed again for this long (seconds).
+const MIN_RENEW_INTERVAL: i64 = 3600;
+/// How long one node holds a hostname's issuance lock (seconds).
+const LOCK_SECS: i64 = 600;
+
+/// Why a domain request was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum DomainError {
+    #[error("{0}")]
+    InvalidHostname(String),
+    #[error("no tenant `{0}`")]
+    UnknownTenant(String),
+    #[error("`{0}` is already registered")]
+    Taken(String),
+    #[error("no domain `{0}`")]
+    NotFound(String),
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+}
+
+/// Owns custom domains: API operations, DNS checks, ACME orders, renewal.
+pub struct DomainManager {
+    gw: Arc<Gateway>,
+    dns: DnsChecker,
+    acme: AcmeClient,
+    /// Identifies this process in the store's per-hostname lock.
+    node: String,
+    /// Hostnames with an order running in this process.
+    issuing: DashMap<String, ()>,
+    /// Hostnames with a check running in this process.
+    checking: DashMap<String, ()>,
+    check_interval: i64,
+    renew_before: i64,
+    /// The runtime of the scheduler, where orders run.
+    runtime: OnceLock<tokio::runtime::Handle>,
+}
+
+fn jitter(secs: i64) -> i64 {
+    let spread = (secs / 5).max(1);
+    secs - spread + rand::random::<i64>().rem_euclid(2 * spread + 1)
+}
+
+fn dns_result(c: &RecordCheck) -> &'static str {
+    if c.error.is_some() {
+        "error"
+    } else {
+        c.status.label()
+    }
+}
+
+impl DomainManager {
+    /// A manager for `config`'s `[acme]` and `[dns]` settings.
+    pub fn new(gw: Arc<Gateway>, config: &Config) -> anyhow::Result<Self> {
+        let dns = DnsChecker::new(
+            &config.dns.nameservers,
+            &config.dns.edge_target,
+            &config.dns.verify_zone,
+        )?;
+        let acme = AcmeClient::new(config.acme.clone(), gw.store.clone());
+        Ok(Self {
+            gw,
+            dns,
+            acme,
+            node: format!("{}-{:x}", std::process::id(), rand::random::<u32>()),
+            issuing: DashMap::new(),
+            checking: DashMap::new(),
+            check_interval: config.dns.check_interval.as_secs().max(1) as i64,
+            renew_before: config.acme.renew_before.as_secs() as i64,
+            runtime: OnceLock::new(),
+        })
+    }
+
+    /// The admin API's domain object.
+    pub fn view(&self, d: &DomainRow) -> Value {
+        let records: Value = serde_json::from_str(&d.records).unwrap_or_else(|_| json!([]));
+        let certificate = match (d.not_before, d.not_after, &d.issuer) {
+            (Some(nb), Some(na), Some(issuer)) if d.cert_pem.is_some() => json!({
+                "not_before": rfc3339(nb),
+                "not_after": rfc3339(na),
+                "issuer": issuer,
+            }),
+            _ => Value::Null,
+        };
+        json!({
+            "hostname": d.hostname,
+            "tenant": d.tenant,
+            "state": d.state,
+            "records": records,
+            "last_checked_at": d.last_checked_at.map(rfc3339),
+            "last_error": d.last_error,
+            "certificate": certificate,
+        })
+    }
+
+    /// Checks and normalises a hostname a tenant asks for.
+    pub fn validate_hostname(&self, raw: &str) -> Result<String, DomainError> {
+        if raw.len() > 253 {
+            return Err(DomainError::InvalidHostname("hostname too long".into()));
+        }
+        let ascii = idna::domain_to_ascii(raw.trim()).map_err(|_| {
+            DomainError::InvalidHostname(format!("`{raw}` is not a valid hostname"))
+        })?;
+        let h = crate::config::normalize_hostname(&ascii).map_err(DomainError::InvalidHostname)?;
+        if h == "localhost" || h.ends_with(".localhost") {
+            return Err(DomainError::InvalidHostname(format!(
+                "`{h}` cannot be served"
+            )));
+        }
+        let zone = self.dns.verify_zone();
+        if h == self.dns.edge_target() || h == zone || h.ends_with(&format!(".{zone}")) {
+            return Err(DomainError::InvalidHostname(format!(
+                "`{h}` belongs to the gateway operator"
+            )));
+        }
+        Ok(h)
+    }
+
+    /// Registers `hostname` for `tenant` in `pending_ownership`.
+    pub async fn create(
+        self: &Arc<Self>,
+        hostname: &str,
+        tenant: &str,
+    ) -> Result<DomainRow, DomainError> {
+        let h = self.validate_hostname(hostname)?;
+        let config = self.gw.config.load();
+        if config.tenant(tenant).is_none() {
+            return Err(DomainError::UnknownTenant(tenant.to_string()));
+        }
+        if config.domains.iter().any(|d| d.hostname == h)
+            || config.certificates.iter().any(|c| c.hostnames.contains(&h))
+        {
+            return Err(DomainError::Taken(h));
+        }
+        let token: String = rand::random::<[u8; 16]>()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let now = now();
+        let row = DomainRow {
+            records: serde_json::to_string(&self.dns.views(&h, &token, None)).unwrap_or_default(),
+            hostname: h.clone(),
+            tenant: tenant.to_string(),
+            token,
+            state: "pending_ownership".into(),
+            last_checked_at: None,
+            last_error: None,
+            cert_pem: None,
+            key_pem: None,
+            not_before: None,
+            not_after: None,
+            issuer: None,
+            failures: 0,
+            routing_misses: 0,
+            next_check_at: now,
+            renew_after: None,
+            created_at: now,
+        };
+        if !self.gw.store.insert_domain(&row).await? {
+            return Err(DomainError::Taken(h));
+        }
+        tracing::info!(hostname = %h, tenant, "domain registered; waiting for the ownership CNAME");
+        self.refresh_gauge().await;
+        Ok(row)
+    }
+
+    /// One domain.
+    pub async fn get(&self, hostname: &str) -> Result<Option<DomainRow>, DomainError> {
+        Ok(self.gw.store.domain(&hostname.to_ascii_lowercase()).await?)
+    }
+
+    /// Every stored domain.
+    pub async fn list(&self) -> Result<Vec<DomainRow>, DomainError> {
+        Ok(self.gw.store.domains().await?)
+    }
+
+    /// Deletes a domain and stops serving it at once.
+    pub async fn delete(&self, hostname: &str) -> Result<(), DomainError> {
+        let h = hostname.to_ascii_lowercase();
+        if !self.gw.store.delete_domain(&h).await? {
+            return Err(DomainError::NotFound(h));
+        }
+        self.unpublish(&h);
+        tracing::info!(hostname = %h, "domain deleted; no longer served");
+        self.refresh_gauge().await;
+        Ok(())
+    }
+
+    /// Runs a check now and returns the domain after it.
+    pub async fn check_now(self: &Arc<Self>, hostname: &str) -> Result<DomainRow, DomainError> {
+        let h = hostname.to_ascii_lowercase();
+        let row = self
+            .gw
+            .store
+            .domain(&h)
+            .await?
+            .ok_or_else(|| DomainError::NotFound(h.clone()))?;
+        Ok(self.process(row, true).await)
+    }
+
+    fn unpublish(&self, hostname: &str) {
+        self.gw.certs.remove(hostname);
+        self.gw.hosts.remove(hostname);
+        let _ = self
+            .gw
+            .metrics
+            .certificate_expiry
+            .remove_label_values(&[hostname]);
+    }
+
+    /// Publishes a stored certificate for SNI and routing.
+    fn publish(&self, d: &DomainRow) -> bool {
+        let (Some(cert), Some(key)) = (&d.cert_pem, &d.key_pem) else {
+            return false;
+        };
+        match certified_key_from_pem(cert.as_bytes(), key.as_bytes()) {
+            Ok(loaded) => {
+                let not_after = loaded.not_after;
+                if let Err(e) = self.gw.certs.insert(&d.hostname, Arc::new(loaded)) {
+                    tracing::error!(hostname = %d.hostname, error = %e, "stored certificate refused");
+                    return false;
+                }
+                self.gw
+                    .hosts
+                    .insert(d.hostname.clone(), Arc::from(d.tenant.as_str()));
+                self.gw
+                    .metrics
+                    .certificate_expiry
+                    .with_label_values(&[&d.hostname])
+                    .set(not_after);
+                true
+            }
+            Err(e) => {
+                tracing::error!(hostname = %d.hostname, error = %e, "stored certificate unusable");
+                false
+            }
+        }
+    }
+
+    /// Loads every stored certificate into the SNI map (before the listeners accept), and
+    /// registers `[[domains]]` entries that have no static certificate.
+    pub async fn load(&self) -> anyhow::Result<usize> {
+        let config = self.gw.config.load();
+        let now = now();
+        for d in &config.domains {
+            if self.gw.certs.contains(&d.hostname) {
+                continue;
+            }
+            let token: String = rand::random::<[u8; 16]>()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            let row = DomainRow {
+                records: serde_json::to_string(&self.dns.views(&d.hostname, &token, None))?,
+                hostname: d.hostname.clone(),
+                tenant: d.tenant.clone(),
+                token,
+                state: "pending_ownership".into(),
+                last_checked_at: None,
+                last_error: None,
+                cert_pem: None,
+                key_pem: None,
+                not_before: None,
+                not_after: None,
+                issuer: None,
+                failures: 0,
+                routing_misses: 0,
+                next_check_at: now,
+                renew_after: None,
+                created_at: now,
+            };
+            self.gw.store.insert_domain(&row).await?;
+        }
+        let mut served = 0;
+        for d in self.gw.store.domains().await? {
+            if self.publish(&d) {
+                served += 1;
+            }
+        }
+        self.refresh_gauge().await;
+        Ok(served)
+    }
+
+    async fn refresh_gauge(&self) {
+        let Ok(rows) = self.gw.store.domains().await else {
+            return;
+        };
+        let config = self.gw.config.load();
+        let static_active = config
+            .domains
+            .iter()
+            .filter(|d| {
+                config
+                    .certificates
+                    .iter()
+                    .any(|c| c.hostnames.contains(&d.hostname))
+            })
+            .count() as i64;
+        for s in DOMAIN_STATES {
+            let n = rows.iter().filter(|r| r.state == s).count() as i64;
+            let n = if s == "active" { n + static_active } else { n };
+            self.gw.metrics.domains.with_label_values(&[s]).set(n);
+        }
+    }
+
+    fn pending_interval(&self, d: &DomainRow, now: i64) -> i64 {
+        let age = now - d.created_at;
+        let factor = if age > 86_400 {
+            16
+        } else if age > 3_600 {
+            4
+        } else {
+            1
+        };
+        jitter((self.check_interval * factor).min(3_600))
+    }
+
+    fn count_dns(&self, dns: &DomainDns) {
+        let m = &self.gw.metrics.dns_checks;
+        m.with_label_values(&["ownership", dns_result(&dns.ownership)])
+            .inc();
+        m.with_label_values(&["routing", dns_result(&dns.routing)])
+            .inc();
+    }
+
+    /// Checks DNS and moves the domain along; starts an order when it is due.
+    async fn process(self: &Arc<Self>, mut d: DomainRow, forced: bool) -> DomainRow {
+        if self.issuing.contains_key(&d.hostname) {
+            // The running order owns the row until it ends.
+            return d;
+        }
+        let now = now();
+        let dns = self.dns.check(&d.hostname, &d.token).await;
+        self.count_dns(&dns);
+        d.records = serde_json::to_string(&self.dns.views(&d.hostname, &d.token, Some(&dns)))
+            .unwrap_or_default();
+        d.last_checked_at = Some(now);
+        let explanation = self.dns.explain(&d.hostname, &d.token, &dns);
+        let both_ok =
+            dns.ownership.status == RecordStatus::Ok && dns.routing.status == RecordStatus::Ok;
+        let before = d.state.clone();
+        let mut start_order = false;
+        match d.state.as_str() {
+            "pending_ownership" | "pending_routing" | "issuing" | "failed" => {
+                if dns.ownership.status != RecordStatus::Ok {
+                    d.state = "pending_ownership".into();
+                    d.last_error = explanation;
+                    d.next_check_at = now + self.pending_interval(&d, now);
+                } else if dns.routing.status != RecordStatus::Ok {
+                    d.state = "pending_routing".into();
+                    d.last_error = explanation;
+                    d.next_check_at = now + self.pending_interval(&d, now);
+                } else if d.state == "failed" && now < d.next_check_at && !forced {
+                    // Backing off after a failed order.
+                } else {
+                    if d.state != "issuing" {
+                        d.last_error = None;
+                    }
+                    d.state = "issuing".into();
+                    d.next_check_at = now + jitter(self.check_interval * 5);
+                    start_order = true;
+                }
+            }
+            "active" | "moved" => {
+                if dns.routing.status == RecordStatus::Ok {
+                    d.routing_misses = 0;
+                    if d.state == "moved" {
+                        tracing::info!(hostname = %d.hostname, "routing CNAME is back; domain active again");
+                    }
+                    d.state = "active".into();
+                    if both_ok && d.renew_after.is_some_and(|r| now >= r) {
+                        start_order = true;
+                    }
+                } else {
+                    d.routing_misses += 1;
+                    if d.routing_misses >= MOVED_AFTER && d.state != "moved" {
+                        tracing::warn!(hostname = %d.hostname, "routing CNAME gone for {MOVED_AFTER} checks: domain moved; no renewal, served until expiry");
+                        d.state = "moved".into();
+                        d.last_error = explanation;
+                    }
+                }
+                d.next_check_at = now + jitter(self.check_interval * 5);
+            }
+            _ => {}
+        }
+        if before != d.state {
+            tracing::info!(hostname = %d.hostname, from = %before, to = %d.state, reason = d.last_error.as_deref().unwrap_or("-"), "domain state changed");
+        }
+        match self.gw.store.update_domain(&d).await {
+            Ok(true) => {}
+            Ok(false) => return d, // deleted meanwhile
+            Err(e) => {
+                tracing::error!(hostname = %d.hostname, error = %e, "cannot store the domain check");
+                return d;
+            }
+        }
+        if before != d.state {
+            self.refresh_gauge().await;
+        }
+        if start_order {
+            self.spawn_order(d.hostname.clone());
+        }
+        d
+    }
+
+    fn spawn_order(self: &Arc<Self>, hostname: String) {
+        if self.issuing.insert(hostname.clone(), ()).is_some() {
+            return;
+        }
+        let me = self.clone();
+        let task = async move {
+            me.order(&hostname).await;
+            me.issuing.remove(&hostname);
+        };
+        match self.runtime.get() {
+            Some(h) => {
+                h.spawn(task);
+            }
+            None => {
+                tokio::spawn(task);
+            }
+        }
+    }
+
+    /// Orders (or renews) the certificate of `hostname` under the store lock.
+    async fn order(self: &Arc<Self>, hostname: &str) {
+        let store = &self.gw.store;
+        let now = now();
+        match store
+            .lock_domain(hostname, &self.node, now + LOCK_SECS, now)
+            .await
+        {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::info!(hostname, "another node is ordering this certificate");
+                return;
+            }
+            Err(e) => {
+                tracing::error!(hostname, error = %e, "cannot take the issuance lock");
+                return;
+            }
+        }
+        let result = self.acme.issue(hostname, &self.gw.acme_challenges).await;
+        let _ = store.unlock_domain(hostname, &self.node).await;
+        let Ok(Some(mut d)) = store.domain(hostname).await else {
+            return; // deleted while ordering
+        };
+        let now = crate::gateway::now();
+        let renewal = d.cert_pem.is_some();
+        match result {
+            Ok(Issued {
+                chain_pem,
+                key_pem,
+                loaded,
+            }) => {
+                self.gw.metrics.acme_orders.with_label_values(&["ok"]).inc();
+                let ari = self.acme.renewal_time(&chain_pem).await;
+                let mut renew_after = ari.unwrap_or(loaded.not_after - self.renew_before);
+                if renewal {
+                    renew_after = renew_after.max(now + MIN_RENEW_INTERVAL);
+                }
+                d.cert_pem = Some(chain_pem);
+                d.key_pem = Some(key_pem);
+                d.not_before = Some(loaded.not_before);
+                d.not_after = Some(loaded.not_after);
+                d.issuer = Some(loaded.issuer.clone());
+                d.renew_after = Some(renew_after);
+                d.failures = 0;
+                d.last_error = None;
+                d.state = "active".into();
+                d.next_check_at = now + jitter(self.check_interval * 5);
+                if matches!(store.update_domain(&d).await, Ok(true)) {
+                    self.publish(&d);
+                    tracing::info!(hostname, renewal, renew_after = %rfc3339(renew_after), "certificate installed; domain active");
+                }
+            }
+            Err(e) => {
+                self.gw
+                    .metrics
+                    .acme_orders
+                    .with_label_values(&["error"])
+                    .inc();
+                d.failures += 1;
+                let backoff = (5i64 << (d.failures - 1).min(20)).min(MAX_BACKOFF);
+                d.next_check_at = now + backoff;
+                if renewal {
+                    d.last_error = Some(format!("renewal failed: {e}; retrying in {backoff} s"));
+                    d.renew_after = Some(now + backoff);
+                } else {
+                    d.state = "failed".into();
+                    d.last_error = Some(format!("{e}; retrying in {backoff} s"));
+                }
+                tracing::warn!(hostname, error = %e, retry_in_secs = backoff, "ACME order failed");
+                let _ = store.update_domain(&d).await;
+            }
+        }
+        self.refresh_gauge().await;
+    }
+
+    /// The scheduler: every second, processes the domains whose check is due.
+    pub async fn run(self: Arc<Self>, mut shutdown: pingora::server::ShutdownWatch) {
+        let _ = self.runtime.set(tokio::runtime::Handle::current());
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let limit = Arc::new(tokio::sync::Semaphore::new(32));
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = tick.tick() => {}
+            }
+            let due = match self.gw.store.due_domains(now(), 256).await {
+                Ok(d) => d,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read due domains");
+                    continue;
+                }
+            };
+            for d in due {
+                if self.issuing.contains_key(&d.hostname)
+                    || self.checking.insert(d.hostname.clone(), ()).is_some()
+                {
+                    continue;
+                }
+                let Ok(permit) = limit.clone().acquire_owned().await else {
+                    return;
+                };
+                let me = self.clone();
+                tokio::spawn(async move {
+                    let host = d.hostname.clone();
+                    me.process(d, false).await;
+                    me.checking.remove(&host);
+                    drop(permit);
+                });
+            }
+        }
+    }
+}
