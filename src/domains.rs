@@ -118,6 +118,20 @@ impl DomainManager {
         })
     }
 
+    /// Webhook deliveries for a domain event (`data`: tenant, hostname, state, last_error,
+    /// certificate).
+    fn domain_events(&self, d: &DomainRow, event: &str) -> Vec<crate::store::NewDelivery> {
+        let v = self.view(d);
+        let data = json!({
+            "tenant": d.tenant,
+            "hostname": d.hostname,
+            "state": d.state,
+            "last_error": d.last_error,
+            "certificate": v["certificate"],
+        });
+        crate::webhooks::events_for(&self.gw.config.load(), &d.tenant, event, data)
+    }
+
     /// Checks and normalises a hostname a tenant asks for.
     pub fn validate_hostname(&self, raw: &str) -> Result<String, DomainError> {
         if raw.len() > 253 {
@@ -411,7 +425,7 @@ impl DomainManager {
         if before != d.state {
             tracing::info!(hostname = %d.hostname, from = %before, to = %d.state, reason = d.last_error.as_deref().unwrap_or("-"), "domain state changed");
         }
-        match self.gw.store.update_domain(&d).await {
+        match self.gw.store.update_domain(&d, &[]).await {
             Ok(true) => {}
             Ok(false) => return d, // deleted meanwhile
             Err(e) => {
@@ -494,7 +508,13 @@ impl DomainManager {
                 d.last_error = None;
                 d.state = "active".into();
                 d.next_check_at = now + jitter(self.check_interval * 5);
-                if matches!(store.update_domain(&d).await, Ok(true)) {
+                let event = if renewal {
+                    "certificate.renewed"
+                } else {
+                    "domain.active"
+                };
+                let events = self.domain_events(&d, event);
+                if matches!(store.update_domain(&d, &events).await, Ok(true)) {
                     self.publish(&d);
                     tracing::info!(hostname, renewal, renew_after = %rfc3339(renew_after), "certificate installed; domain active");
                 }
@@ -516,7 +536,12 @@ impl DomainManager {
                     d.last_error = Some(format!("{e}; retrying in {backoff} s"));
                 }
                 tracing::warn!(hostname, error = %e, retry_in_secs = backoff, "ACME order failed");
-                let _ = store.update_domain(&d).await;
+                let events = if renewal || d.failures > 1 {
+                    Vec::new()
+                } else {
+                    self.domain_events(&d, "domain.failed")
+                };
+                let _ = store.update_domain(&d, &events).await;
             }
         }
         self.refresh_gauge().await;

@@ -589,12 +589,27 @@ impl GatewayProxy {
                 ConfirmMode::OneTime => link.one_time,
                 ConfirmMode::Never => false,
             };
+        let events = if needs_confirm {
+            Vec::new()
+        } else {
+            let data = serde_json::json!({
+                "tenant": tenant.id,
+                "subject": link.subject,
+                "jti": link.jti,
+                "host": ctx.host,
+                "client_ip": client_ip(session).map(|ip| ip.to_string()),
+                "ctx": link.claims().get("ctx").cloned().unwrap_or(Value::Null),
+            });
+            crate::webhooks::events_for(&gw.config.load(), &tenant.id, "link.redeemed", data)
+        };
         if link.one_time {
             let jti = link.jti.as_deref().unwrap_or_default();
             let fresh = if needs_confirm {
                 gw.store.is_redeemed(jti).await.map(|used| !used)
             } else {
-                gw.store.redeem_once(jti, &tenant.id, link.exp).await
+                gw.store
+                    .redeem_once(jti, &tenant.id, link.exp, &events)
+                    .await
             };
             match fresh {
                 Ok(true) => {}
@@ -638,6 +653,11 @@ impl GatewayProxy {
             ];
             send(session, 200, &headers, pages::confirm_page(branding)).await?;
             return Ok(true);
+        }
+        if !link.one_time && !events.is_empty() {
+            if let Err(e) = gw.store.enqueue_webhooks(&events).await {
+                tracing::error!(error = %e, "cannot queue link.redeemed webhooks");
+            }
         }
         let cookie = self.create_session(tenant, &link).await?;
         let location = match &link.redirect {

@@ -325,6 +325,10 @@ pub fn serve(
     server.add_service(http);
     server.add_service(admin_svc);
     server.add_service(housekeeping);
+    server.add_service(background_service(
+        "webhooks",
+        WebhookWorker(crate::webhooks::Dispatcher::new(gw.clone())),
+    ));
     if let Some(dm) = domains {
         server.add_service(background_service("domains", DomainScheduler(dm)));
     }
@@ -337,6 +341,16 @@ pub fn serve(
     });
     tracing::info!("linkgate stopped");
     std::process::exit(0)
+}
+
+/// Runs webhook delivery as a pingora background service.
+struct WebhookWorker(crate::webhooks::Dispatcher);
+
+#[async_trait]
+impl BackgroundService for WebhookWorker {
+    async fn start(&self, shutdown: ShutdownWatch) {
+        self.0.run(shutdown).await;
+    }
 }
 
 /// Runs the custom-domain scheduler as a pingora background service.

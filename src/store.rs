@@ -84,16 +84,66 @@ fn domain_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DomainRow> {
     })
 }
 
+/// A webhook delivery to enqueue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewDelivery {
+    /// `webhook-id`: stable across retries.
+    pub msg_id: String,
+    pub tenant: String,
+    pub url: String,
+    pub event: String,
+    pub body: String,
+}
+
+/// A queued webhook delivery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivery {
+    pub id: i64,
+    pub msg: NewDelivery,
+    pub attempts: i64,
+    pub created_at: i64,
+}
+
+fn enqueue(
+    tx: &rusqlite::Transaction<'_>,
+    events: &[NewDelivery],
+    now: i64,
+) -> rusqlite::Result<()> {
+    for e in events {
+        tx.execute(
+            "INSERT INTO webhook_outbox (msg_id, tenant, url, event, body, next_attempt_at, created_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)",
+            params![e.msg_id, e.tenant, e.url, e.event, e.body, now],
+        )?;
+    }
+    Ok(())
+}
+
 /// The operations the gateway needs from durable storage.
 #[async_trait]
 pub trait Store: Send + Sync {
-    /// Marks `jti` redeemed; true only for the first caller on any node.
+    /// Marks `jti` redeemed; true only for the first caller on any node. `events` are queued
+    /// in the same transaction, only when this call redeems.
     async fn redeem_once(
         &self,
         jti: &str,
         tenant: &str,
         expires_at: i64,
+        events: &[NewDelivery],
     ) -> Result<bool, StoreError>;
+    /// Queues webhook deliveries.
+    async fn enqueue_webhooks(&self, events: &[NewDelivery]) -> Result<(), StoreError>;
+    /// Up to `limit` deliveries whose attempt time has come.
+    async fn due_deliveries(&self, now: i64, limit: usize) -> Result<Vec<Delivery>, StoreError>;
+    /// Removes a delivered (or abandoned) delivery.
+    async fn finish_delivery(&self, id: i64) -> Result<(), StoreError>;
+    /// Records a failed attempt and when to try again.
+    async fn retry_delivery(
+        &self,
+        id: i64,
+        next_attempt_at: i64,
+        error: &str,
+    ) -> Result<(), StoreError>;
     /// True when `jti` was redeemed before.
     async fn is_redeemed(&self, jti: &str) -> Result<bool, StoreError>;
     /// Records a revocation; returns its sequence number.
@@ -123,8 +173,13 @@ pub trait Store: Send + Sync {
     async fn ping(&self) -> bool;
     /// Adds a domain; false when the hostname is taken.
     async fn insert_domain(&self, d: &DomainRow) -> Result<bool, StoreError>;
-    /// Replaces a domain's row; false when it was deleted meanwhile (nothing written).
-    async fn update_domain(&self, d: &DomainRow) -> Result<bool, StoreError>;
+    /// Replaces a domain's row and queues `events` in the same transaction; false when the
+    /// domain was deleted meanwhile (nothing written).
+    async fn update_domain(
+        &self,
+        d: &DomainRow,
+        events: &[NewDelivery],
+    ) -> Result<bool, StoreError>;
     /// Removes a domain; false when there was none.
     async fn delete_domain(&self, hostname: &str) -> Result<bool, StoreError>;
     /// One domain.
@@ -199,6 +254,19 @@ CREATE TABLE IF NOT EXISTS domains (
     lock_until INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS domains_due ON domains (next_check_at);
+CREATE TABLE IF NOT EXISTS webhook_outbox (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    msg_id TEXT NOT NULL,
+    tenant TEXT NOT NULL,
+    url TEXT NOT NULL,
+    event TEXT NOT NULL,
+    body TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at INTEGER NOT NULL,
+    created_at INTEGER NOT NULL,
+    last_error TEXT
+);
+CREATE INDEX IF NOT EXISTS webhook_outbox_due ON webhook_outbox (next_attempt_at);
 CREATE TABLE IF NOT EXISTS acme_accounts (
     directory TEXT PRIMARY KEY,
     credentials TEXT NOT NULL,
@@ -259,14 +327,84 @@ impl Store for SqliteStore {
         jti: &str,
         tenant: &str,
         expires_at: i64,
+        events: &[NewDelivery],
     ) -> Result<bool, StoreError> {
-        let (jti, tenant) = (jti.to_string(), tenant.to_string());
+        let (jti, tenant, events) = (jti.to_string(), tenant.to_string(), events.to_vec());
         self.with(move |c| {
-            let n = c.execute(
+            let tx = c.transaction()?;
+            let n = tx.execute(
                 "INSERT OR IGNORE INTO redeemed_links (jti, tenant, expires_at) VALUES (?1, ?2, ?3)",
                 params![jti, tenant, expires_at],
             )?;
+            if n == 1 {
+                enqueue(&tx, &events, crate::gateway::now())?;
+            }
+            tx.commit()?;
             Ok(n == 1)
+        })
+        .await
+    }
+
+    async fn enqueue_webhooks(&self, events: &[NewDelivery]) -> Result<(), StoreError> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let events = events.to_vec();
+        self.with(move |c| {
+            let tx = c.transaction()?;
+            enqueue(&tx, &events, crate::gateway::now())?;
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn due_deliveries(&self, now: i64, limit: usize) -> Result<Vec<Delivery>, StoreError> {
+        self.with(move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT id, msg_id, tenant, url, event, body, attempts, created_at FROM webhook_outbox \
+                 WHERE next_attempt_at <= ?1 ORDER BY id LIMIT ?2",
+            )?;
+            let rows = stmt.query_map(params![now, limit as i64], |r| {
+                Ok(Delivery {
+                    id: r.get(0)?,
+                    msg: NewDelivery {
+                        msg_id: r.get(1)?,
+                        tenant: r.get(2)?,
+                        url: r.get(3)?,
+                        event: r.get(4)?,
+                        body: r.get(5)?,
+                    },
+                    attempts: r.get(6)?,
+                    created_at: r.get(7)?,
+                })
+            })?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+        .await
+    }
+
+    async fn finish_delivery(&self, id: i64) -> Result<(), StoreError> {
+        self.with(move |c| {
+            c.execute("DELETE FROM webhook_outbox WHERE id = ?1", params![id])?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn retry_delivery(
+        &self,
+        id: i64,
+        next_attempt_at: i64,
+        error: &str,
+    ) -> Result<(), StoreError> {
+        let error = error.to_string();
+        self.with(move |c| {
+            c.execute(
+                "UPDATE webhook_outbox SET attempts = attempts + 1, next_attempt_at = ?2, last_error = ?3 WHERE id = ?1",
+                params![id, next_attempt_at, error],
+            )?;
+            Ok(())
         })
         .await
     }
@@ -406,10 +544,15 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn update_domain(&self, d: &DomainRow) -> Result<bool, StoreError> {
-        let d = d.clone();
+    async fn update_domain(
+        &self,
+        d: &DomainRow,
+        events: &[NewDelivery],
+    ) -> Result<bool, StoreError> {
+        let (d, events) = (d.clone(), events.to_vec());
         self.with(move |c| {
-            let n = c.execute(
+            let tx = c.transaction()?;
+            let n = tx.execute(
                 "UPDATE domains SET tenant = ?2, token = ?3, state = ?4, records = ?5, last_checked_at = ?6, \
                  last_error = ?7, cert_pem = ?8, key_pem = ?9, not_before = ?10, not_after = ?11, issuer = ?12, \
                  failures = ?13, routing_misses = ?14, next_check_at = ?15, renew_after = ?16 WHERE hostname = ?1",
@@ -417,6 +560,10 @@ impl Store for SqliteStore {
                     d.cert_pem, d.key_pem, d.not_before, d.not_after, d.issuer, d.failures, d.routing_misses,
                     d.next_check_at, d.renew_after],
             )?;
+            if n == 1 {
+                enqueue(&tx, &events, crate::gateway::now())?;
+            }
+            tx.commit()?;
             Ok(n == 1)
         })
         .await
@@ -537,8 +684,26 @@ mod tests {
         let path = dir.path().join("s/linkgate.db");
         {
             let s = SqliteStore::open(&path).unwrap();
-            assert!(s.redeem_once("j1", "acme", 100).await.unwrap());
-            assert!(!s.redeem_once("j1", "acme", 100).await.unwrap());
+            let ev = NewDelivery {
+                msg_id: "msg_1".into(),
+                tenant: "acme".into(),
+                url: "https://hooks.example/x".into(),
+                event: "link.redeemed".into(),
+                body: "{}".into(),
+            };
+            assert!(s
+                .redeem_once("j1", "acme", 100, std::slice::from_ref(&ev))
+                .await
+                .unwrap());
+            assert!(!s
+                .redeem_once("j1", "acme", 100, std::slice::from_ref(&ev))
+                .await
+                .unwrap());
+            let due = s.due_deliveries(i64::MAX, 10).await.unwrap();
+            assert_eq!(due.len(), 1, "only the redeeming call queues its event");
+            assert_eq!(due[0].msg, ev);
+            s.retry_delivery(due[0].id, i64::MAX, "down").await.unwrap();
+            assert!(s.due_deliveries(i64::MAX - 1, 10).await.unwrap().is_empty());
             assert!(s.is_redeemed("j1").await.unwrap());
             let id = s
                 .add_revocation(&Revocation::Jti { jti: "x".into() }, 5)
@@ -549,7 +714,12 @@ mod tests {
             assert_eq!((kid.as_str(), key.as_slice()), ("a", &b"first"[..]));
         }
         let s = SqliteStore::open(&path).unwrap();
-        assert!(!s.redeem_once("j1", "acme", 100).await.unwrap());
+        assert!(!s.redeem_once("j1", "acme", 100, &[]).await.unwrap());
+        assert_eq!(
+            s.due_deliveries(i64::MAX, 10).await.unwrap().len(),
+            1,
+            "outbox survives reopen"
+        );
         let revs = s.revocations_since(0).await.unwrap();
         assert_eq!(revs[0].1, Revocation::Jti { jti: "x".into() });
         let (kid, key) = s.signing_key("b", b"second").await.unwrap();
@@ -590,7 +760,7 @@ mod tests {
         );
         let mut changed = row.clone();
         changed.state = "active".into();
-        assert!(s.update_domain(&changed).await.unwrap());
+        assert!(s.update_domain(&changed, &[]).await.unwrap());
         assert_eq!(
             s.domain(&row.hostname).await.unwrap().unwrap().state,
             "active"
@@ -598,7 +768,7 @@ mod tests {
         assert_eq!(s.due_domains(0, 10).await.unwrap().len(), 1);
         assert!(s.delete_domain(&row.hostname).await.unwrap());
         assert!(
-            !s.update_domain(&changed).await.unwrap(),
+            !s.update_domain(&changed, &[]).await.unwrap(),
             "deleted stays deleted"
         );
         use std::os::unix::fs::PermissionsExt;

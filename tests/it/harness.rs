@@ -843,6 +843,40 @@ impl Gateway {
         }
     }
 
+    /// Stops the gateway (SIGTERM, waiting for a graceful exit) and starts it again with the
+    /// same config, state dir and ports. The log file is appended to, so `log()` holds the
+    /// output of every run.
+    pub async fn restart(&mut self) {
+        if self.is_running() {
+            self.signal("TERM");
+            self.wait_exit(Duration::from_secs(30)).await;
+        }
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)
+            .unwrap();
+        let child = Command::new(bin())
+            .arg("serve")
+            .arg("--config")
+            .arg(&self.p.config_path)
+            .envs(self.p.env.iter().map(|(a, b)| (a.as_str(), b.as_str())))
+            .env("RUST_BACKTRACE", "1")
+            .envs(
+                std::env::var("IT_GATEWAY_RUST_LOG")
+                    .ok()
+                    .map(|v| ("RUST_LOG", v)),
+            )
+            .current_dir(self.p.dir.path())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("spawn linkgate");
+        self.child = Some(child);
+        self.wait_ready().await;
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.as_ref().unwrap().id()
     }

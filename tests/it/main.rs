@@ -2,10 +2,12 @@
 //! the external contract in SPEC.md (CLI, config, magic links, sessions, admin API, metrics).
 
 mod harness;
+mod infra;
 
 mod admin;
 mod cli;
 mod confirm;
+mod domains;
 mod links;
 mod metrics;
 mod sessions;
