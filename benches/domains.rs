@@ -86,11 +86,12 @@ fn handshakes_per_sec(store: Arc<CertStore>, pki: &Pki, names: &[String], rounds
     );
     let mut roots = RootCertStore::empty();
     roots.add(pki.ca_der.clone()).unwrap();
-    let client_cfg = Arc::new(
-        ClientConfig::builder()
-            .with_root_certificates(roots)
-            .with_no_client_auth(),
-    );
+    // Full handshakes every time: with one name a resuming client would be unfairly fast.
+    let mut client_cfg = ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    client_cfg.resumption = rustls::client::Resumption::disabled();
+    let client_cfg = Arc::new(client_cfg);
     for name in names.iter().take(50) {
         handshake(&client_cfg, &server_cfg, name);
     }

@@ -186,6 +186,8 @@ pub trait Store: Send + Sync {
     async fn domain(&self, hostname: &str) -> Result<Option<DomainRow>, StoreError>;
     /// Every domain, by hostname.
     async fn domains(&self) -> Result<Vec<DomainRow>, StoreError>;
+    /// Number of domains in each state.
+    async fn domain_state_counts(&self) -> Result<Vec<(String, i64)>, StoreError>;
     /// Up to `limit` domains whose `next_check_at` has come.
     async fn due_domains(&self, now: i64, limit: usize) -> Result<Vec<DomainRow>, StoreError>;
     /// Takes the per-hostname issuance lock for `owner` until `until`; false when another
@@ -596,6 +598,16 @@ impl Store for SqliteStore {
                 "SELECT {DOMAIN_COLUMNS} FROM domains ORDER BY hostname"
             ))?;
             let rows = stmt.query_map([], domain_from_row)?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+        .await
+    }
+
+    async fn domain_state_counts(&self) -> Result<Vec<(String, i64)>, StoreError> {
+        self.with(move |c| {
+            let mut stmt =
+                c.prepare_cached("SELECT state, COUNT(*) FROM domains GROUP BY state")?;
+            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
             Ok(rows.collect::<Result<Vec<_>, _>>()?)
         })
         .await
