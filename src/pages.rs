@@ -35,87 +35,97 @@ pub fn json_error(code: &str, message: &str) -> Vec<u8> {
         .expect("static JSON serializes")
 }
 
-fn page(branding: Option<&Branding>, heading: &str, body_html: &str) -> Vec<u8> {
-    let b = branding.cloned().unwrap_or_default();
-    let color = b.color.as_deref().unwrap_or("#1f2937");
-    let font = b
-        .font
-        .as_deref()
-        .unwrap_or("system-ui, -apple-system, 'Segoe UI', sans-serif");
-    let title = b.title.as_deref().unwrap_or("Sign in");
-    let mut html = String::with_capacity(2048);
-    html.push_str("<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">");
-    html.push_str("<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">");
-    html.push_str("<meta name=\"robots\" content=\"noindex\">");
-    html.push_str(&format!(
-        "<title>{} – {}</title>",
-        escape(heading),
-        escape(title)
-    ));
-    html.push_str(&format!(
-        "<style>body{{font-family:{font};background:#f9fafb;color:#111827;margin:0;display:flex;min-height:100vh;align-items:center;justify-content:center}}\
-main{{background:#fff;max-width:28rem;width:100%;padding:2rem;border-radius:12px;box-shadow:0 1px 3px rgba(0,0,0,.12)}}\
-h1{{font-size:1.4rem;margin:.5rem 0 1rem}}p{{line-height:1.5}}\
-button{{background:{color};color:#fff;border:0;border-radius:8px;padding:.75rem 1.5rem;font-size:1rem;cursor:pointer}}\
-button:focus-visible,a:focus-visible{{outline:3px solid #2563eb;outline-offset:2px}}\
-nav a{{margin-right:1rem;color:{color}}}img{{max-height:48px}}</style></head><body><main>",
-        font = escape(font),
-        color = escape(color),
-    ));
-    if let Some(logo) = &b.logo_url {
-        html.push_str(&format!(
-            "<img src=\"{}\" alt=\"{}\">",
-            escape(logo),
-            escape(title)
-        ));
-    }
-    if let Some(t) = &b.title {
-        html.push_str(&format!("<p><strong>{}</strong></p>", escape(t)));
-    }
-    html.push_str(&format!("<h1>{}</h1>", escape(heading)));
-    html.push_str(body_html);
-    if let Some(d) = &b.description {
-        html.push_str(&format!("<p>{}</p>", escape(d)));
-    }
-    if !b.buttons.is_empty() {
-        html.push_str("<nav>");
-        for (label, url) in &b.buttons {
-            html.push_str(&format!(
-                "<a href=\"{}\">{}</a>",
-                escape(url),
-                escape(label)
-            ));
+/// The page templates, compiled into the binary; HTML auto-escaping on.
+fn templates() -> &'static minijinja::Environment<'static> {
+    static ENV: std::sync::OnceLock<minijinja::Environment<'static>> = std::sync::OnceLock::new();
+    ENV.get_or_init(|| {
+        let mut env = minijinja::Environment::new();
+        for (name, source) in [
+            ("base.html", include_str!("templates/base.html")),
+            ("confirm.html", include_str!("templates/confirm.html")),
+            ("error.html", include_str!("templates/error.html")),
+        ] {
+            env.add_template(name, source)
+                .expect("built-in templates parse");
         }
-        html.push_str("</nav>");
+        env
+    })
+}
+
+/// Black or white, whichever reads better on `hex` (WCAG relative luminance).
+fn readable_on(hex: &str) -> &'static str {
+    let h = hex.trim_start_matches('#');
+    let full: String = if h.len() == 3 {
+        h.chars().flat_map(|c| [c, c]).collect()
+    } else {
+        h.to_string()
+    };
+    let channel = |i: usize| {
+        let v =
+            u8::from_str_radix(full.get(i..i + 2).unwrap_or("00"), 16).unwrap_or(0) as f64 / 255.0;
+        if v <= 0.03928 {
+            v / 12.92
+        } else {
+            ((v + 0.055) / 1.055).powf(2.4)
+        }
+    };
+    let l = 0.2126 * channel(0) + 0.7152 * channel(2) + 0.0722 * channel(4);
+    // Contrast with white is (1.05)/(l+0.05); with black (l+0.05)/0.05.
+    if 1.05 / (l + 0.05) >= (l + 0.05) / 0.05 {
+        "#ffffff"
+    } else {
+        "#000000"
     }
-    html.push_str("</main></body></html>");
-    html.into_bytes()
+}
+
+fn render(template: &str, branding: Option<&Branding>, heading: &str, message: &str) -> Vec<u8> {
+    let b = branding.cloned().unwrap_or_default();
+    let color = b.color.clone().unwrap_or_else(|| "#1f2937".to_string());
+    let brand = serde_json::json!({
+        "title": b.title,
+        "description": b.description,
+        "logo_url": b.logo_url,
+        "on_color": readable_on(&color),
+        "color": color,
+        "font": b.font.unwrap_or_else(|| "system-ui, -apple-system, 'Segoe UI', Roboto, sans-serif".into()),
+        "buttons": b.buttons.iter().map(|(label, url)| serde_json::json!({"label": label, "url": url})).collect::<Vec<_>>(),
+    });
+    let ctx = minijinja::context! { brand => brand, heading => heading, message => message };
+    match templates()
+        .get_template(template)
+        .and_then(|t| t.render(ctx))
+    {
+        Ok(html) => html.into_bytes(),
+        Err(e) => {
+            tracing::error!(error = %e, "page template failed");
+            format!(
+                "<!doctype html><title>{0}</title><h1>{0}</h1><p>{1}</p>",
+                escape(heading),
+                escape(message)
+            )
+            .into_bytes()
+        }
+    }
 }
 
 /// The confirm page: one button that POSTs the same URL with an empty form. The form has no
 /// `action`, so the token is never written into the page.
 pub fn confirm_page(branding: Option<&Branding>) -> Vec<u8> {
-    page(
-        branding,
-        "Continue signing in",
-        "<p>Press the button to finish signing in.</p>\
-<form method=\"post\"><button type=\"submit\" autofocus>Continue</button></form>",
-    )
+    render("confirm.html", branding, "Continue signing in", "")
 }
 
 /// An error page with the same message as the JSON error.
 pub fn error_page(branding: Option<&Branding>, code: &str, message: &str) -> Vec<u8> {
     let heading = match code {
-        "session_required" => "Sign-in required",
+        "session_required" | "session_invalid" => "Sign-in required",
         "link_used" => "Link already used",
         "link_expired" => "Link expired",
-        _ => "Something went wrong",
+        "link_revoked" => "Link revoked",
+        "forbidden_path" => "Not allowed",
+        "upstream_unavailable" => "Temporarily unavailable",
+        _ => "This link cannot be used",
     };
-    page(
-        branding,
-        heading,
-        &format!("<p role=\"alert\">{}</p>", escape(message)),
-    )
+    render("error.html", branding, heading, message)
 }
 
 #[cfg(test)]
@@ -133,5 +143,15 @@ mod tests {
         assert!(p.contains("&lt;script&gt;"));
         assert!(p.contains("<form method=\"post\">"));
         assert!(!p.contains("action="));
+        let e = String::from_utf8(error_page(None, "link_used", "a <b> message")).unwrap();
+        assert!(e.contains("Link already used"));
+        assert!(e.contains("a &lt;b&gt; message"));
+    }
+
+    #[test]
+    fn button_text_contrast() {
+        assert_eq!(readable_on("#5b21b6"), "#ffffff");
+        assert_eq!(readable_on("#fde047"), "#000000");
+        assert_eq!(readable_on("#fff"), "#000000");
     }
 }
