@@ -130,20 +130,19 @@ fn main() {
     let one = Arc::new(CertStore::default());
     let loaded = certified_key_from_pem(pki.chain_pem.as_bytes(), pki.key_pem.as_bytes()).unwrap();
     one.insert(&names[0], Arc::new(loaded)).unwrap();
-    let rounds = 3000;
-    let hs_one = handshakes_per_sec(one, &pki, &names[..1], rounds);
-    let hs_big = handshakes_per_sec(big.clone(), &pki, &names, rounds);
-    let hs_one2 = handshakes_per_sec(
-        {
-            let s = Arc::new(CertStore::default());
-            s.insert(&names[0], big.get(&names[0]).unwrap()).unwrap();
-            s
-        },
-        &pki,
-        &names[..1],
-        rounds,
-    );
-    let hs_one = hs_one.max(hs_one2);
+    // Alternate the two cases so machine noise hits both alike; keep each one's best run.
+    let rounds = 2000;
+    let shared = Arc::new(CertStore::default());
+    for name in &names {
+        shared.insert(name, one.get(&names[0]).unwrap()).unwrap();
+    }
+    let (mut hs_one, mut hs_big, mut hs_shared) = (0f64, 0f64, 0f64);
+    for _ in 0..3 {
+        hs_one = hs_one.max(handshakes_per_sec(one.clone(), &pki, &names[..1], rounds));
+        hs_big = hs_big.max(handshakes_per_sec(big.clone(), &pki, &names, rounds));
+        hs_shared = hs_shared.max(handshakes_per_sec(shared.clone(), &pki, &names, rounds));
+    }
+    eprintln!("(N names sharing one certificate object: {hs_shared:.0}/s)");
     drop(big);
 
     // 3. Start-up with N stored domains: open the store, load and publish every certificate.
