@@ -45,11 +45,17 @@ impl<S: tracing::Subscriber> Layer<S> for HandshakeErrors {
 pub fn init(metrics: Option<Arc<Metrics>>) {
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new(format!("info,{LISTENER_TARGET}=off")));
-    // pingora's trace level prints request headers (and so magic-link tokens): capped.
-    let filter = ["pingora_proxy=debug", "pingora_core=debug"]
-        .into_iter()
-        .filter_map(|d| d.parse().ok())
-        .fold(filter, |f, d| f.add_directive(d));
+    // pingora's trace level prints request headers (and so magic-link tokens): when trace is
+    // asked for, pingora's own crates stay at debug.
+    let filter = if filter.max_level_hint() == Some(tracing_subscriber::filter::LevelFilter::TRACE)
+    {
+        ["pingora_proxy=debug", "pingora_core=debug"]
+            .into_iter()
+            .filter_map(|d| d.parse().ok())
+            .fold(filter, |f, d| f.add_directive(d))
+    } else {
+        filter
+    };
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let json = std::env::var("LINKGATE_LOG_FORMAT").is_ok_and(|v| v == "json");
     let fmt = if json {

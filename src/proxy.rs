@@ -785,7 +785,6 @@ impl ProxyHttp for GatewayProxy {
             .ok_or_else(|| Error::explain(ErrorType::ConnectNoRoute, "no healthy upstream"))?;
         let mut peer = HttpPeer::new(backend.addr, tenant.upstream_tls, ctx.host.clone());
         peer.options.connection_timeout = Some(std::time::Duration::from_secs(5));
-        peer.options.idle_timeout = Some(std::time::Duration::from_secs(60));
         Ok(Box::new(peer))
     }
 
