@@ -2,7 +2,7 @@
 //! with a `before` cut-off compared with the link's `iat`. Lookups take no global lock and
 //! allocate nothing.
 
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 
 use dashmap::DashMap;
 use serde::{Deserialize, Serialize};
@@ -35,6 +35,10 @@ struct TenantRevocations {
 pub struct Revocations {
     jtis: DashMap<String, ()>,
     tenants: DashMap<String, TenantRevocations>,
+    /// Set once anything is revoked: the common "nothing revoked" case then costs one load
+    /// (`DashMap::is_empty` would visit every shard).
+    any_jti: AtomicBool,
+    any_tenant: AtomicBool,
 }
 
 impl Revocations {
@@ -43,6 +47,7 @@ impl Revocations {
         match r {
             Revocation::Jti { jti } => {
                 self.jtis.insert(jti.clone(), ());
+                self.any_jti.store(true, Ordering::Release);
             }
             Revocation::Subject {
                 tenant,
@@ -58,6 +63,7 @@ impl Revocations {
                     });
                 let mut e = t.by_subject.entry(sub.clone()).or_insert(i64::MIN);
                 *e = (*e).max(*before);
+                self.any_tenant.store(true, Ordering::Release);
             }
             Revocation::Tenant { tenant, before } => {
                 let t = self
@@ -68,6 +74,7 @@ impl Revocations {
                         by_subject: DashMap::new(),
                     });
                 t.all_before.fetch_max(*before, Ordering::Relaxed);
+                self.any_tenant.store(true, Ordering::Release);
             }
         }
     }
@@ -75,11 +82,11 @@ impl Revocations {
     /// True when a link or session (tenant, subject, jti, iat) is covered by a revocation.
     pub fn is_revoked(&self, tenant: &str, sub: &str, jti: Option<&str>, iat: i64) -> bool {
         if let Some(j) = jti {
-            if !self.jtis.is_empty() && self.jtis.contains_key(j) {
+            if self.any_jti.load(Ordering::Acquire) && self.jtis.contains_key(j) {
                 return true;
             }
         }
-        if self.tenants.is_empty() {
+        if !self.any_tenant.load(Ordering::Acquire) {
             return false;
         }
         let Some(t) = self.tenants.get(tenant) else {
