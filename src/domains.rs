@@ -247,33 +247,38 @@ impl DomainManager {
             .remove_label_values(&[hostname]);
     }
 
-    /// Publishes a stored certificate for SNI and routing.
-    fn publish(&self, d: &DomainRow) -> bool {
-        let (Some(cert), Some(key)) = (&d.cert_pem, &d.key_pem) else {
+    /// Publishes a stored certificate for SNI and routing. At start-up (`deferred`) the chain
+    /// is parsed on its first handshake; it was checked before it was stored.
+    fn publish(&self, d: &DomainRow, deferred: bool) -> bool {
+        let (Some(cert), Some(key), Some(not_after)) = (&d.cert_pem, &d.key_pem, d.not_after)
+        else {
             return false;
         };
-        match certified_key_from_pem(cert.as_bytes(), key.as_bytes()) {
-            Ok(loaded) => {
-                let not_after = loaded.not_after;
-                if let Err(e) = self.gw.certs.insert(&d.hostname, Arc::new(loaded)) {
-                    tracing::error!(hostname = %d.hostname, error = %e, "stored certificate refused");
+        if deferred {
+            self.gw.certs.insert_deferred(&d.hostname, cert, key);
+        } else {
+            match certified_key_from_pem(cert.as_bytes(), key.as_bytes()) {
+                Ok(loaded) => {
+                    if let Err(e) = self.gw.certs.insert(&d.hostname, Arc::new(loaded)) {
+                        tracing::error!(hostname = %d.hostname, error = %e, "certificate refused");
+                        return false;
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(hostname = %d.hostname, error = %e, "certificate unusable");
                     return false;
                 }
-                self.gw
-                    .hosts
-                    .insert(d.hostname.clone(), Arc::from(d.tenant.as_str()));
-                self.gw
-                    .metrics
-                    .certificate_expiry
-                    .with_label_values(&[&d.hostname])
-                    .set(not_after);
-                true
-            }
-            Err(e) => {
-                tracing::error!(hostname = %d.hostname, error = %e, "stored certificate unusable");
-                false
             }
         }
+        self.gw
+            .hosts
+            .insert(d.hostname.clone(), Arc::from(d.tenant.as_str()));
+        self.gw
+            .metrics
+            .certificate_expiry
+            .with_label_values(&[&d.hostname])
+            .set(not_after);
+        true
     }
 
     /// Loads every stored certificate into the SNI map (before the listeners accept), and
@@ -310,17 +315,8 @@ impl DomainManager {
             };
             self.gw.store.insert_domain(&row).await?;
         }
-        // Parsing keys dominates start-up with many domains: spread it over the cores.
         let rows = self.gw.store.domains().await?;
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let chunk = rows.len().div_ceil(threads).max(1);
-        let served: usize = std::thread::scope(|scope| {
-            let handles: Vec<_> = rows
-                .chunks(chunk)
-                .map(|part| scope.spawn(move || part.iter().filter(|d| self.publish(d)).count()))
-                .collect();
-            handles.into_iter().map(|h| h.join().unwrap_or(0)).sum()
-        });
+        let served = rows.iter().filter(|d| self.publish(d, true)).count();
         self.refresh_gauge().await;
         Ok(served)
     }
@@ -523,7 +519,7 @@ impl DomainManager {
                 };
                 let events = self.domain_events(&d, event);
                 if matches!(store.update_domain(&d, &events).await, Ok(true)) {
-                    self.publish(&d);
+                    self.publish(&d, false);
                     tracing::info!(hostname, renewal, renew_after = %rfc3339(renew_after), "certificate installed; domain active");
                 }
             }

@@ -109,11 +109,18 @@ fn leaf_facts(leaf: &CertificateDer<'_>) -> Result<(i64, i64, String, Vec<String
     ))
 }
 
+/// A certificate as held by the store: parsed, or (loaded from the database at start-up)
+/// kept as PEM until its first handshake, so start-up with many domains parses nothing.
+enum Slot {
+    Ready(Arc<LoadedCert>),
+    Deferred { chain: Box<str>, key: Box<str> },
+}
+
 /// Certificates served by SNI. Readers take an `Arc` clone per handshake; writers replace
 /// entries while the server runs.
 #[derive(Default)]
 pub struct CertStore {
-    by_host: DashMap<String, Arc<LoadedCert>>,
+    by_host: DashMap<String, Slot>,
 }
 
 impl CertStore {
@@ -122,8 +129,20 @@ impl CertStore {
         if !cert.covers(hostname) {
             return Err(CertError::NotCovering(hostname.to_string()));
         }
-        self.by_host.insert(hostname.to_string(), cert);
+        self.by_host.insert(hostname.to_string(), Slot::Ready(cert));
         Ok(())
+    }
+
+    /// Publishes a chain that was checked when it was issued and stored, parsing it on its
+    /// first use. A chain that no longer parses is dropped then (and logged).
+    pub fn insert_deferred(&self, hostname: &str, chain_pem: &str, key_pem: &str) {
+        self.by_host.insert(
+            hostname.to_string(),
+            Slot::Deferred {
+                chain: chain_pem.into(),
+                key: key_pem.into(),
+            },
+        );
     }
 
     /// Stops serving `hostname`; the next handshake for it fails.
@@ -131,9 +150,28 @@ impl CertStore {
         self.by_host.remove(hostname);
     }
 
-    /// The certificate for `hostname` (lower-case), if any.
+    /// The certificate for `hostname` (lower-case), if any; parses a deferred one.
     pub fn get(&self, hostname: &str) -> Option<Arc<LoadedCert>> {
-        self.by_host.get(hostname).map(|c| c.value().clone())
+        let (chain, key) = match &*self.by_host.get(hostname)? {
+            Slot::Ready(c) => return Some(c.clone()),
+            Slot::Deferred { chain, key } => (chain.clone(), key.clone()),
+        };
+        match certified_key_from_pem(chain.as_bytes(), key.as_bytes()) {
+            Ok(c) if c.covers(hostname) => {
+                let c = Arc::new(c);
+                self.by_host
+                    .insert(hostname.to_string(), Slot::Ready(c.clone()));
+                Some(c)
+            }
+            other => {
+                let why = other
+                    .err()
+                    .map_or("does not cover the name".to_string(), |e| e.to_string());
+                tracing::error!(hostname, error = %why, "stored certificate unusable; not served");
+                self.by_host.remove(hostname);
+                None
+            }
+        }
     }
 
     /// True when a certificate is published for `hostname`.
@@ -174,17 +212,17 @@ impl std::fmt::Debug for SniResolver {
 
 impl ResolvesServerCert for SniResolver {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        let found = hello
-            .server_name()
-            .and_then(|name| match self.store.by_host.get(name) {
-                Some(c) => Some(c.key.clone()),
-                None if name.bytes().any(|b| b.is_ascii_uppercase()) => self
-                    .store
-                    .by_host
-                    .get(&name.to_ascii_lowercase())
-                    .map(|c| c.key.clone()),
-                None => None,
-            });
+        let found = hello.server_name().and_then(|name| {
+            if let Some(slot) = self.store.by_host.get(name) {
+                if let Slot::Ready(c) = &*slot {
+                    return Some(c.key.clone());
+                }
+            }
+            // Deferred (parsed now, once) or a name sent in upper case.
+            self.store
+                .get(&name.to_ascii_lowercase())
+                .map(|c| c.key.clone())
+        });
         if found.is_none() {
             self.metrics.tls_unknown_sni.inc();
         }
@@ -280,6 +318,19 @@ mod tests {
         assert!(store.contains("links.acme.test"));
         store.remove("links.acme.test");
         assert!(store.is_empty());
+    }
+
+    #[test]
+    fn deferred_certificates_parse_on_first_use() {
+        let (c, k) = self_signed(&["late.test"]);
+        let store = CertStore::default();
+        store.insert_deferred("late.test", &c, &k);
+        assert!(store.contains("late.test"));
+        let first = store.get("late.test").expect("parses");
+        assert!(Arc::ptr_eq(&first, &store.get("late.test").unwrap()), "parsed once");
+        store.insert_deferred("wrong.test", &c, &k);
+        assert!(store.get("wrong.test").is_none(), "a chain not covering the name is dropped");
+        assert!(!store.contains("wrong.test"));
     }
 
     #[test]
