@@ -155,6 +155,34 @@ impl DomainManager {
         Ok(h)
     }
 
+    /// A new domain in `pending_ownership` with a fresh ownership token.
+    fn pending_row(&self, hostname: &str, tenant: &str, now: i64) -> DomainRow {
+        let token: String = rand::random::<[u8; 16]>()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        DomainRow {
+            records: serde_json::to_string(&self.dns.views(hostname, &token, None))
+                .unwrap_or_default(),
+            hostname: hostname.to_string(),
+            tenant: tenant.to_string(),
+            token,
+            state: "pending_ownership".into(),
+            last_checked_at: None,
+            last_error: None,
+            cert_pem: None,
+            key_pem: None,
+            not_before: None,
+            not_after: None,
+            issuer: None,
+            failures: 0,
+            routing_misses: 0,
+            next_check_at: now,
+            renew_after: None,
+            created_at: now,
+        }
+    }
+
     /// Registers `hostname` for `tenant` in `pending_ownership`.
     pub async fn create(
         self: &Arc<Self>,
@@ -171,30 +199,7 @@ impl DomainManager {
         {
             return Err(DomainError::Taken(h));
         }
-        let token: String = rand::random::<[u8; 16]>()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
-        let now = now();
-        let row = DomainRow {
-            records: serde_json::to_string(&self.dns.views(&h, &token, None)).unwrap_or_default(),
-            hostname: h.clone(),
-            tenant: tenant.to_string(),
-            token,
-            state: "pending_ownership".into(),
-            last_checked_at: None,
-            last_error: None,
-            cert_pem: None,
-            key_pem: None,
-            not_before: None,
-            not_after: None,
-            issuer: None,
-            failures: 0,
-            routing_misses: 0,
-            next_check_at: now,
-            renew_after: None,
-            created_at: now,
-        };
+        let row = self.pending_row(&h, tenant, now());
         if !self.gw.store.insert_domain(&row).await? {
             return Err(DomainError::Taken(h));
         }
@@ -290,29 +295,7 @@ impl DomainManager {
             if self.gw.certs.contains(&d.hostname) {
                 continue;
             }
-            let token: String = rand::random::<[u8; 16]>()
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect();
-            let row = DomainRow {
-                records: serde_json::to_string(&self.dns.views(&d.hostname, &token, None))?,
-                hostname: d.hostname.clone(),
-                tenant: d.tenant.clone(),
-                token,
-                state: "pending_ownership".into(),
-                last_checked_at: None,
-                last_error: None,
-                cert_pem: None,
-                key_pem: None,
-                not_before: None,
-                not_after: None,
-                issuer: None,
-                failures: 0,
-                routing_misses: 0,
-                next_check_at: now,
-                renew_after: None,
-                created_at: now,
-            };
+            let row = self.pending_row(&d.hostname, &d.tenant, now);
             self.gw.store.insert_domain(&row).await?;
         }
         let rows = self.gw.store.domains().await?;

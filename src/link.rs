@@ -24,29 +24,43 @@ pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
 pub const LEEWAY_SECS: i64 = 30;
 
 /// Why a link was refused; each maps to the contract's error code and status.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LinkError {
-    #[error("The link is malformed.")]
     Malformed,
-    #[error("The link's signature is not valid.")]
     BadSignature,
-    #[error("The link has expired. Ask for a new one.")]
     Expired,
-    #[error("The link is not valid yet.")]
     NotYetValid,
-    #[error("The link belongs to another site.")]
     WrongTenant,
-    #[error("The link's redirect target is not allowed.")]
     BadRedirect,
-    #[error("The link has been revoked.")]
     Revoked,
-    #[error("The link was issued for another device or network.")]
     BindingMismatch,
-    #[error("The link has already been used. Ask for a new one.")]
     Used,
 }
 
+impl std::fmt::Display for LinkError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.message())
+    }
+}
+
+impl std::error::Error for LinkError {}
+
 impl LinkError {
+    /// The sentence shown to the visitor (JSON `message` and HTML pages).
+    pub fn message(self) -> &'static str {
+        match self {
+            LinkError::Malformed => "The link is malformed.",
+            LinkError::BadSignature => "The link's signature is not valid.",
+            LinkError::Expired => "The link has expired. Ask for a new one.",
+            LinkError::NotYetValid => "The link is not valid yet.",
+            LinkError::WrongTenant => "The link belongs to another site.",
+            LinkError::BadRedirect => "The link's redirect target is not allowed.",
+            LinkError::Revoked => "The link has been revoked.",
+            LinkError::BindingMismatch => "The link was issued for another device or network.",
+            LinkError::Used => "The link has already been used. Ask for a new one.",
+        }
+    }
+
     /// The contract's error code.
     pub fn code(self) -> &'static str {
         crate::metrics::LINK_RESULTS[self.index()]

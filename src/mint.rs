@@ -67,15 +67,13 @@ pub fn mint(config: &Config, req: &MintRequest, now: i64) -> Result<Minted, Mint
     let tenant = config
         .tenant(&req.tenant)
         .ok_or_else(|| MintError::UnknownTenant(req.tenant.clone()))?;
-    let (key, alg) = tenant
+    let (kid, secret, alg) = tenant
         .keys
         .iter()
-        .find_map(|k| match (&k.material, k.alg) {
-            (KeyMaterial::Secret(s), a) if a.is_hmac() => Some((k, s)),
+        .find_map(|k| match &k.material {
+            KeyMaterial::Secret(s) if k.alg.is_hmac() => Some((k.kid.clone(), s, k.alg)),
             _ => None,
         })
-        .map(|(k, s)| (k, s.clone()))
-        .map(|(k, s)| ((k.kid.clone(), s), k.alg))
         .ok_or_else(|| MintError::NoSigningKey(req.tenant.clone()))?;
     if req.ttl.is_zero() || req.ttl > Duration::from_secs(365 * 86_400) {
         return Err(MintError::BadTtl);
@@ -116,7 +114,6 @@ pub fn mint(config: &Config, req: &MintRequest, now: i64) -> Result<Minted, Mint
     if let Some(r) = &req.redirect {
         claims.insert("redirect".into(), r.clone().into());
     }
-    let ((kid, secret), alg) = (key, alg);
     let mut header = Header::new(match alg {
         KeyAlg::HS384 => Algorithm::HS384,
         KeyAlg::HS512 => Algorithm::HS512,

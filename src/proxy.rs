@@ -114,17 +114,7 @@ impl Refusal {
         Refusal {
             status: e.status(),
             code: e.code(),
-            message: match e {
-                LinkError::Malformed => "The link is malformed.",
-                LinkError::BadSignature => "The link's signature is not valid.",
-                LinkError::Expired => "The link has expired. Ask for a new one.",
-                LinkError::NotYetValid => "The link is not valid yet.",
-                LinkError::WrongTenant => "The link belongs to another site.",
-                LinkError::BadRedirect => "The link's redirect target is not allowed.",
-                LinkError::Revoked => "The link has been revoked.",
-                LinkError::BindingMismatch => "The link was issued for another device or network.",
-                LinkError::Used => "The link has already been used. Ask for a new one.",
-            },
+            message: e.message(),
         }
     }
 }

@@ -327,9 +327,15 @@ mod tests {
         store.insert_deferred("late.test", &c, &k);
         assert!(store.contains("late.test"));
         let first = store.get("late.test").expect("parses");
-        assert!(Arc::ptr_eq(&first, &store.get("late.test").unwrap()), "parsed once");
+        assert!(
+            Arc::ptr_eq(&first, &store.get("late.test").unwrap()),
+            "parsed once"
+        );
         store.insert_deferred("wrong.test", &c, &k);
-        assert!(store.get("wrong.test").is_none(), "a chain not covering the name is dropped");
+        assert!(
+            store.get("wrong.test").is_none(),
+            "a chain not covering the name is dropped"
+        );
         assert!(!store.contains("wrong.test"));
     }
 
