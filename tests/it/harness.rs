@@ -733,6 +733,14 @@ impl Prepared {
         s
     }
 
+    /// Re-renders the config from `self.cfg` (rewriting the files it references) and writes
+    /// it to `config_path`; returns the new text.
+    pub fn write_config(&mut self) -> String {
+        let text = self.render();
+        fs::write(&self.config_path, &text).unwrap();
+        text
+    }
+
     /// Runs the binary with `args` (config flag added) and returns (code, stdout, stderr).
     pub fn run_cli(&self, args: &[&str]) -> (i32, String, String) {
         let out = Command::new(bin())
@@ -879,6 +887,44 @@ impl Gateway {
 
     pub fn pid(&self) -> u32 {
         self.child.as_ref().unwrap().id()
+    }
+
+    /// Kills the gateway with SIGKILL (no graceful shutdown) and reaps it; `restart()`
+    /// then starts a new process on the same config, state dir and ports.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Sends SIGHUP and waits (up to 10 s) until the log reports the outcome:
+    /// `Some(true)` reloaded, `Some(false)` refused, `None` no report.
+    pub async fn reload(&self) -> Option<bool> {
+        let count = |log: &str| {
+            (
+                log.matches("configuration reloaded").count(),
+                log.matches("configuration not reloaded").count(),
+            )
+        };
+        let before = count(&self.log());
+        self.signal("HUP");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let (ok, refused) = count(&self.log());
+            if refused > before.1 {
+                // Every problem is logged; let the burst finish.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                return Some(false);
+            }
+            if ok > before.0 {
+                return Some(true);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     pub fn signal(&self, sig: &str) {

@@ -12,3 +12,6 @@ mod links;
 mod metrics;
 mod sessions;
 mod tls;
+
+mod keys;
+mod webhooks;
