@@ -5,7 +5,9 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use dashmap::DashMap;
 use instant_acme::{
@@ -330,5 +332,160 @@ impl AcmeClient {
                 None
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::SqliteStore;
+    use std::path::PathBuf;
+
+    fn config(directory: String, ca_file: Option<PathBuf>, per_minute: u32) -> AcmeConfig {
+        AcmeConfig {
+            enabled: true,
+            directory,
+            contact: vec![],
+            ca_file,
+            renew_before: Duration::from_secs(30 * 86_400),
+            orders_per_minute: per_minute,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn new_orders_keep_to_the_per_minute_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SqliteStore::open(&dir.path().join("s.db")).unwrap());
+        let client = AcmeClient::new(config("https://ca.invalid/dir".into(), None, 3), store);
+        let start = tokio::time::Instant::now();
+        for _ in 0..3 {
+            client.rate_limit("a.test").await;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(1),
+            "a burst up to the limit passes"
+        );
+        client.rate_limit("a.test").await;
+        assert!(
+            start.elapsed() >= Duration::from_secs(60),
+            "the fourth order in a minute waits for the window"
+        );
+    }
+
+    /// A minimal HTTPS ACME directory offering ARI, served by a real TLS listener.
+    async fn ari_server(ca_dir: &std::path::Path) -> (String, PathBuf) {
+        use http_body_util::Full;
+        use hyper::service::service_fn;
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let leaf = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
+            .unwrap()
+            .signed_by(&key, &ca, &ca_key)
+            .unwrap();
+        let ca_file = ca_dir.join("ca.pem");
+        std::fs::write(&ca_file, ca.pem()).unwrap();
+        let server_cfg = rustls::ServerConfig::builder()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![leaf.der().clone()],
+                rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap(),
+            )
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server_cfg));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!(
+            "https://127.0.0.1:{}",
+            listener.local_addr().unwrap().port()
+        );
+        let b = base.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    return;
+                };
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    continue;
+                };
+                let b = b.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                        let b = b.clone();
+                        async move {
+                            let (status, retry, body) = if req.uri().path() == "/dir" {
+                                (
+                                    200,
+                                    false,
+                                    serde_json::json!({
+                                        "newNonce": format!("{b}/nonce"),
+                                        "newAccount": format!("{b}/account"),
+                                        "newOrder": format!("{b}/order"),
+                                        "renewalInfo": format!("{b}/ari"),
+                                    })
+                                    .to_string(),
+                                )
+                            } else if req.uri().path().starts_with("/ari/") {
+                                (200, true, r#"{"suggestedWindow":{"start":"2030-01-01T00:00:00Z","end":"2030-01-02T00:00:00Z"}}"#.to_string())
+                            } else {
+                                (404, false, String::new())
+                            };
+                            let mut resp = hyper::Response::builder()
+                                .status(status)
+                                .header("content-type", "application/json");
+                            if retry {
+                                resp = resp.header("retry-after", "21600");
+                            }
+                            Ok::<_, std::convert::Infallible>(
+                                resp.body(Full::new(bytes::Bytes::from(body))).unwrap(),
+                            )
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
+                        .await;
+                });
+            }
+        });
+        (base, ca_file)
+    }
+
+    #[tokio::test]
+    async fn ari_window_is_used_when_the_ca_offers_it() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let dir = tempfile::tempdir().unwrap();
+        let (base, ca_file) = ari_server(dir.path()).await;
+        let directory = format!("{base}/dir");
+        let store = Arc::new(SqliteStore::open(&dir.path().join("s.db")).unwrap());
+        // A stored account: loading it needs only the directory, no registration.
+        let account_key = rcgen::KeyPair::generate().unwrap();
+        let creds = serde_json::json!({
+            "id": format!("{base}/account/1"),
+            "key_pkcs8": base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, account_key.serialize_der()),
+            "directory": directory,
+        });
+        store
+            .put_acme_account(&directory, &creds.to_string(), 0)
+            .await
+            .unwrap();
+        let client = AcmeClient::new(config(directory, Some(ca_file), 10), store);
+        // A certificate with an authority key identifier, as CAs issue them.
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params.key_identifier_method = rcgen::KeyIdMethod::Sha256;
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params =
+            rcgen::CertificateParams::new(vec!["links.example.test".to_string()]).unwrap();
+        params.use_authority_key_identifier_extension = true;
+        let leaf = params.signed_by(&key, &ca, &ca_key).unwrap();
+        let at = client.renewal_time(&leaf.pem()).await.expect("ARI offered");
+        let (start, end) = (1_893_456_000, 1_893_542_400); // 2030-01-01 .. 2030-01-02
+        assert!(
+            (start..end).contains(&at),
+            "{at} inside the suggested window"
+        );
     }
 }

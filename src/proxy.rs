@@ -174,9 +174,19 @@ async fn refuse(
             pages::json_error(r.code, r.message),
         )
     };
+    // A refusal may be shown at a link URL: no-referrer keeps the token out of the Referer
+    // of anything the page loads (logo, favicon).
     let mut headers = vec![
         (header::CONTENT_TYPE, ctype),
         (header::CACHE_CONTROL, HeaderValue::from_static("no-store")),
+        (
+            header::REFERRER_POLICY,
+            HeaderValue::from_static("no-referrer"),
+        ),
+        (
+            HeaderName::from_static("x-robots-tag"),
+            HeaderValue::from_static("noindex"),
+        ),
     ];
     if r.status == 405 {
         headers.push((header::ALLOW, HeaderValue::from_static("GET, HEAD, POST")));

@@ -5,6 +5,7 @@ mod harness;
 mod infra;
 
 mod admin;
+mod browser;
 mod cli;
 mod confirm;
 mod domains;
