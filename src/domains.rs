@@ -66,6 +66,45 @@ fn jitter(secs: i64) -> i64 {
     secs - spread + rand::random::<i64>().rem_euclid(2 * spread + 1)
 }
 
+/// Seconds between checks of a domain pending for `age` seconds: `check_interval`, ×4 after
+/// an hour, ×16 after a day, at most hourly.
+fn pending_interval(check_interval: i64, age: i64) -> i64 {
+    let factor = if age > 86_400 {
+        16
+    } else if age > 3_600 {
+        4
+    } else {
+        1
+    };
+    (check_interval * factor).min(3_600)
+}
+
+/// A customer hostname as stored: IDNA names to punycode, lower case, no trailing dot; no
+/// wildcards, IP literals, `localhost`, nor the operator's own `edge_target` / `verify_zone`.
+pub fn customer_hostname(
+    raw: &str,
+    edge_target: &str,
+    verify_zone: &str,
+) -> Result<String, DomainError> {
+    if raw.len() > 253 {
+        return Err(DomainError::InvalidHostname("hostname too long".into()));
+    }
+    let ascii = idna::domain_to_ascii(raw.trim())
+        .map_err(|_| DomainError::InvalidHostname(format!("`{raw}` is not a valid hostname")))?;
+    let h = crate::config::normalize_hostname(&ascii).map_err(DomainError::InvalidHostname)?;
+    if h == "localhost" || h.ends_with(".localhost") {
+        return Err(DomainError::InvalidHostname(format!(
+            "`{h}` cannot be served"
+        )));
+    }
+    if h == edge_target || h == verify_zone || h.ends_with(&format!(".{verify_zone}")) {
+        return Err(DomainError::InvalidHostname(format!(
+            "`{h}` belongs to the gateway operator"
+        )));
+    }
+    Ok(h)
+}
+
 fn dns_result(c: &RecordCheck) -> &'static str {
     if c.error.is_some() {
         "error"
@@ -134,25 +173,7 @@ impl DomainManager {
 
     /// Checks and normalises a hostname a tenant asks for.
     pub fn validate_hostname(&self, raw: &str) -> Result<String, DomainError> {
-        if raw.len() > 253 {
-            return Err(DomainError::InvalidHostname("hostname too long".into()));
-        }
-        let ascii = idna::domain_to_ascii(raw.trim()).map_err(|_| {
-            DomainError::InvalidHostname(format!("`{raw}` is not a valid hostname"))
-        })?;
-        let h = crate::config::normalize_hostname(&ascii).map_err(DomainError::InvalidHostname)?;
-        if h == "localhost" || h.ends_with(".localhost") {
-            return Err(DomainError::InvalidHostname(format!(
-                "`{h}` cannot be served"
-            )));
-        }
-        let zone = self.dns.verify_zone();
-        if h == self.dns.edge_target() || h == zone || h.ends_with(&format!(".{zone}")) {
-            return Err(DomainError::InvalidHostname(format!(
-                "`{h}` belongs to the gateway operator"
-            )));
-        }
-        Ok(h)
+        customer_hostname(raw, self.dns.edge_target(), self.dns.verify_zone())
     }
 
     /// A new domain in `pending_ownership` with a fresh ownership token.
@@ -330,15 +351,7 @@ impl DomainManager {
     }
 
     fn pending_interval(&self, d: &DomainRow, now: i64) -> i64 {
-        let age = now - d.created_at;
-        let factor = if age > 86_400 {
-            16
-        } else if age > 3_600 {
-            4
-        } else {
-            1
-        };
-        jitter((self.check_interval * factor).min(3_600))
+        jitter(pending_interval(self.check_interval, now - d.created_at))
     }
 
     fn count_dns(&self, dns: &DomainDns) {
@@ -568,6 +581,43 @@ impl DomainManager {
                     drop(permit);
                 });
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn customer_hostnames() {
+        let ok = |h: &str| customer_hostname(h, "edge.gw.test", "verify.gw.test");
+        assert_eq!(ok("Links.Example.COM.").unwrap(), "links.example.com");
+        assert_eq!(ok("bücher.example").unwrap(), "xn--bcher-kva.example");
+        for bad in [
+            "*.example.com",
+            "10.0.0.1",
+            "[::1]",
+            "bad_name!.example",
+            "localhost",
+            "edge.gw.test",
+            "abc.verify.gw.test",
+            "-lead.example.test",
+            "a..b.test",
+        ] {
+            assert!(ok(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn pending_checks_back_off_and_jitter() {
+        assert_eq!(pending_interval(30, 10), 30);
+        assert_eq!(pending_interval(30, 7_200), 120);
+        assert_eq!(pending_interval(30, 2 * 86_400), 480);
+        assert_eq!(pending_interval(600, 2 * 86_400), 3_600);
+        for _ in 0..200 {
+            let j = jitter(100);
+            assert!((80..=120).contains(&j), "{j}");
         }
     }
 }

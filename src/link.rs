@@ -226,13 +226,13 @@ pub struct ValidLink {
     pub one_time: bool,
     pub redirect: Option<String>,
     /// The decoded payload (a JSON object), parsed into claims only when needed.
-    payload: Vec<u8>,
+    payload: String,
 }
 
 impl ValidLink {
     /// Every claim of the link.
     pub fn claims(&self) -> Map<String, Value> {
-        serde_json::from_slice(&self.payload).unwrap_or_default()
+        serde_json::from_str(&self.payload).unwrap_or_default()
     }
 }
 
@@ -325,16 +325,18 @@ pub fn validate(
     let n = URL_SAFE_NO_PAD
         .decode_slice(h64, &mut header_buf)
         .map_err(|_| LinkError::Malformed)?;
-    let header: Header<'_> =
-        serde_json::from_slice(&header_buf[..n]).map_err(|_| LinkError::Malformed)?;
+    // One UTF-8 check up front lets serde_json read strings without re-validating them.
+    let header_text = std::str::from_utf8(&header_buf[..n]).map_err(|_| LinkError::Malformed)?;
+    let header: Header<'_> = serde_json::from_str(header_text).map_err(|_| LinkError::Malformed)?;
     if header.crit.is_some() {
         return Err(LinkError::Malformed);
     }
     let payload = URL_SAFE_NO_PAD
         .decode(p64)
-        .map_err(|_| LinkError::Malformed)?;
+        .map_err(|_| LinkError::Malformed)
+        .and_then(|b| String::from_utf8(b).map_err(|_| LinkError::Malformed))?;
     let known: KnownClaims<'_> =
-        serde_json::from_slice(&payload).map_err(|_| LinkError::Malformed)?;
+        serde_json::from_str(&payload).map_err(|_| LinkError::Malformed)?;
     let exp = number(known.exp)?.ok_or(LinkError::Malformed)?;
     let nbf = number(known.nbf)?;
     let iat = number(known.iat)?;
