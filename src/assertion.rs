@@ -2,8 +2,6 @@
 //! gateway's key (kept in the store, so every node signs with the same key) and published as
 //! a JWKS. An assertion is reused for a session's requests until shortly before it expires.
 
-use std::sync::Arc;
-
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use dashmap::DashMap;
@@ -38,7 +36,7 @@ fn kid_for(public: &[u8]) -> String {
 
 struct Cached {
     host: Box<str>,
-    token: Arc<str>,
+    token: http::HeaderValue,
     exp: i64,
 }
 
@@ -77,8 +75,8 @@ impl AssertionSigner {
         &self.kid
     }
 
-    /// An assertion for one session on `host`: the link's `claims` with `iss`, `aud`, `iat`,
-    /// `exp` set by the gateway. `session_id` identifies the session for caching; `claims`
+    /// An assertion for one session on `host` (as a header value: cloning it per request
+    /// copies nothing): the link's `claims` with `iss`, `aud`, `iat`, `exp` set by the gateway. `session_id` identifies the session for caching; `claims`
     /// is only called when a new assertion must be signed.
     pub fn assertion(
         &self,
@@ -87,7 +85,7 @@ impl AssertionSigner {
         tenant: &str,
         now: i64,
         claims: impl FnOnce() -> Map<String, Value>,
-    ) -> Arc<str> {
+    ) -> http::HeaderValue {
         if let Some(c) = self.cache.get(&session_id) {
             if &*c.host == host && c.exp - now > REFRESH_MARGIN {
                 return c.token.clone();
@@ -104,9 +102,10 @@ impl AssertionSigner {
         claims.insert("exp".into(), exp.into());
         let mut header = Header::new(Algorithm::EdDSA);
         header.kid = Some(self.kid.clone());
-        let token: Arc<str> = jsonwebtoken::encode(&header, &claims, &self.key)
-            .expect("Ed25519 signing of JSON claims cannot fail")
-            .into();
+        let jwt = jsonwebtoken::encode(&header, &claims, &self.key)
+            .expect("Ed25519 signing of JSON claims cannot fail");
+        let token = http::HeaderValue::from_maybe_shared(bytes::Bytes::from(jwt))
+            .expect("a compact JWS is a valid header value");
         if self.cache.len() >= MAX_CACHED {
             self.cache.clear();
         }
@@ -143,7 +142,8 @@ mod tests {
         v.leeway = 0;
         v.set_audience(&["acme"]);
         v.set_issuer(&["https://links.acme.test"]);
-        let d = decode::<Map<String, Value>>(&*t, &DecodingKey::from_ed_der(&raw), &v).unwrap();
+        let d = decode::<Map<String, Value>>(t.as_bytes(), &DecodingKey::from_ed_der(&raw), &v)
+            .unwrap();
         assert_eq!(d.header.kid.as_deref(), Some(kid.as_str()));
         assert_eq!(d.claims["sub"], "u1");
         assert_eq!(d.claims["exp"].as_i64().unwrap(), now + ASSERTION_TTL);

@@ -404,7 +404,7 @@ impl GatewayProxy {
             for (name, value) in &open.headers {
                 req.insert_header(name.clone(), value.clone())?;
             }
-            req.insert_header("x-linkgate-assertion", hv(&assertion))?;
+            req.insert_header("x-linkgate-assertion", assertion)?;
         }
 
         // Forward: session cookie removed, X-Forwarded-* set, normalised path.
