@@ -253,14 +253,11 @@ struct KnownClaims<'a> {
     sub: Option<&'a RawValue>,
     #[serde(borrow)]
     user_id: Option<&'a RawValue>,
+    exp: Option<serde_json::Number>,
+    nbf: Option<serde_json::Number>,
+    iat: Option<serde_json::Number>,
     #[serde(borrow)]
-    exp: Option<&'a RawValue>,
-    #[serde(borrow)]
-    nbf: Option<&'a RawValue>,
-    #[serde(borrow)]
-    iat: Option<&'a RawValue>,
-    #[serde(borrow)]
-    jti: Option<&'a RawValue>,
+    jti: Option<Cow<'a, str>>,
     one_time: Option<bool>,
     #[serde(borrow)]
     tenant: Option<&'a RawValue>,
@@ -285,10 +282,8 @@ fn text(raw: &RawValue) -> Option<Cow<'_, str>> {
     serde_json::from_str::<String>(s).ok().map(Cow::Owned)
 }
 
-fn number(raw: Option<&RawValue>) -> Result<Option<i64>, LinkError> {
-    let Some(raw) = raw else { return Ok(None) };
-    let n: serde_json::Number =
-        serde_json::from_str(raw.get()).map_err(|_| LinkError::Malformed)?;
+fn number(n: Option<serde_json::Number>) -> Result<Option<i64>, LinkError> {
+    let Some(n) = n else { return Ok(None) };
     n.as_i64()
         .or_else(|| n.as_f64().filter(|f| f.is_finite()).map(|f| f as i64))
         .map(Some)
@@ -343,10 +338,8 @@ pub fn validate(
     let one_time = known.one_time.unwrap_or(false);
     let jti = match known.jti {
         None => None,
-        Some(raw) => match text(raw) {
-            Some(s) if !s.is_empty() && s.len() <= 256 => Some(s),
-            _ => return Err(LinkError::Malformed),
-        },
+        Some(s) if !s.is_empty() && s.len() <= 256 => Some(s),
+        Some(_) => return Err(LinkError::Malformed),
     };
     if one_time && jti.is_none() {
         return Err(LinkError::Malformed);
