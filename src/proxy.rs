@@ -843,8 +843,14 @@ impl ProxyHttp for GatewayProxy {
         format!("{} host={}", session.req_header().method, ctx.host)
     }
 
-    fn suppress_error_log(&self, _session: &Session, _ctx: &RequestCtx, _error: &Error) -> bool {
-        false
+    /// A client that goes away (closing a keep-alive connection, aborting a request) is not an
+    /// error worth a log line per connection.
+    fn suppress_error_log(&self, _session: &Session, _ctx: &RequestCtx, error: &Error) -> bool {
+        matches!(error.esource(), pingora::ErrorSource::Downstream)
+            && matches!(
+                error.etype(),
+                ErrorType::ReadError | ErrorType::WriteError | ErrorType::ConnectionClosed
+            )
     }
 }
 
