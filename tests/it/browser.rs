@@ -13,7 +13,6 @@ use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use fantoccini::wd::TimeoutConfiguration;
@@ -42,52 +41,26 @@ struct HtmlUpstream {
     addr: SocketAddr,
     /// One dump (request line and headers) per request received.
     seen: Arc<Mutex<Vec<String>>>,
-    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<JoinHandle<()>>,
+    _server: TestHttpServer,
 }
 
 impl HtmlUpstream {
     /// A hyper HTTP/1.1 server on its own thread: `/static/logo.svg` is an SVG image, every
     /// other path an HTML page with `<dl>` of the `SHOWN` headers (`<dd id="<name>">`).
     fn start() -> HtmlUpstream {
-        let std_listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
-        std_listener.set_nonblocking(true).unwrap();
-        let addr = std_listener.local_addr().unwrap();
         let seen: Arc<Mutex<Vec<String>>> = Arc::default();
-        let (tx, mut rx) = tokio::sync::oneshot::channel::<()>();
         let seen2 = seen.clone();
-        let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                let listener = tokio::net::TcpListener::from_std(std_listener).unwrap();
-                loop {
-                    tokio::select! {
-                        _ = &mut rx => break,
-                        acc = listener.accept() => {
-                            let Ok((stream, _)) = acc else { continue };
-                            let seen = seen2.clone();
-                            tokio::spawn(async move {
-                                let svc = hyper::service::service_fn(move |req| {
-                                    let seen = seen.clone();
-                                    async move { Ok::<_, std::convert::Infallible>(html_answer(&req, &seen)) }
-                                });
-                                let _ = hyper::server::conn::http1::Builder::new()
-                                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
-                                    .await;
-                            });
-                        }
-                    }
-                }
-            });
-        });
+        let server = TestHttpServer::start(
+            TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap(),
+            move |req| {
+                let seen = seen2.clone();
+                async move { Ok::<_, std::convert::Infallible>(html_answer(&req, &seen)) }
+            },
+        );
         HtmlUpstream {
-            addr,
+            addr: server.addr,
             seen,
-            shutdown: Some(tx),
-            thread: Some(thread),
+            _server: server,
         }
     }
 
@@ -103,17 +76,6 @@ impl HtmlUpstream {
             .iter()
             .filter(|d| !d.contains("/static/") && !d.contains("/favicon"))
             .count()
-    }
-}
-
-impl Drop for HtmlUpstream {
-    fn drop(&mut self) {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
     }
 }
 

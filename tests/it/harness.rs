@@ -427,41 +427,44 @@ impl Recorded {
     }
 }
 
-pub struct Upstream {
+/// The response type of a [`TestHttpServer`] handler.
+pub type TestResponse = hyper::Response<http_body_util::Full<bytes::Bytes>>;
+
+/// A hyper HTTP/1.1 server for tests, on its own thread with a current-thread tokio
+/// runtime, answering every request with `handler`. Dropping it stops accepting and joins
+/// the thread.
+pub struct TestHttpServer {
     pub addr: SocketAddr,
-    records: Arc<Mutex<Vec<Recorded>>>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<JoinHandle<()>>,
 }
 
-impl Upstream {
-    /// A hyper HTTP/1.1 server on its own thread and runtime. Answers 200
-    /// `upstream ok <path>`; a path containing `/slow` waits 1.5 s first.
-    pub fn start() -> Upstream {
-        let std_listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
-        std_listener.set_nonblocking(true).unwrap();
-        let addr = std_listener.local_addr().unwrap();
-        let records: Arc<Mutex<Vec<Recorded>>> = Arc::default();
+impl TestHttpServer {
+    /// Serves on `listener` (made non-blocking here) until dropped.
+    pub fn start<F, Fut>(listener: TcpListener, handler: F) -> TestHttpServer
+    where
+        F: Fn(hyper::Request<hyper::body::Incoming>) -> Fut + Clone + Send + 'static,
+        Fut: std::future::Future<Output = Result<TestResponse, std::convert::Infallible>>
+            + Send
+            + 'static,
+    {
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
         let (tx, mut rx) = tokio::sync::oneshot::channel::<()>();
-        let recs = records.clone();
         let thread = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .unwrap();
             rt.block_on(async move {
-                let listener = tokio::net::TcpListener::from_std(std_listener).unwrap();
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
                 loop {
                     tokio::select! {
                         _ = &mut rx => break,
                         acc = listener.accept() => {
                             let Ok((stream, _)) = acc else { continue };
-                            let recs = recs.clone();
+                            let svc = hyper::service::service_fn(handler.clone());
                             tokio::spawn(async move {
-                                let svc = hyper::service::service_fn(move |req| {
-                                    let recs = recs.clone();
-                                    async move { upstream_handle(req, recs).await }
-                                });
                                 let _ = hyper::server::conn::http1::Builder::new()
                                     .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
                                     .await;
@@ -471,11 +474,45 @@ impl Upstream {
                 }
             });
         });
-        Upstream {
+        TestHttpServer {
             addr,
-            records,
             shutdown: Some(tx),
             thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for TestHttpServer {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+pub struct Upstream {
+    pub addr: SocketAddr,
+    records: Arc<Mutex<Vec<Recorded>>>,
+    _server: TestHttpServer,
+}
+
+impl Upstream {
+    /// A hyper HTTP/1.1 server on its own thread and runtime. Answers 200
+    /// `upstream ok <path>`; a path containing `/slow` waits 1.5 s first.
+    pub fn start() -> Upstream {
+        let records: Arc<Mutex<Vec<Recorded>>> = Arc::default();
+        let recs = records.clone();
+        let server = TestHttpServer::start(
+            TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap(),
+            move |req| upstream_handle(req, recs.clone()),
+        );
+        Upstream {
+            addr: server.addr,
+            records,
+            _server: server,
         }
     }
 
@@ -541,17 +578,6 @@ async fn upstream_handle(
             "upstream ok {path}"
         ))))
         .unwrap())
-}
-
-impl Drop for Upstream {
-    fn drop(&mut self) {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
 }
 
 // ---------------------------------------------------------------------------------------

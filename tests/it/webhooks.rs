@@ -6,7 +6,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use base64::engine::general_purpose::STANDARD;
@@ -28,8 +27,7 @@ const DELIVERIES: &str = "linkgate_webhook_deliveries_total";
 struct Receiver {
     addr: SocketAddr,
     records: Arc<Mutex<Vec<Recorded>>>,
-    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<JoinHandle<()>>,
+    _server: TestHttpServer,
 }
 
 impl Receiver {
@@ -39,46 +37,16 @@ impl Receiver {
 
     /// Listens on `port` (0 = any free port).
     fn start_on(port: u16, status: u16, location: Option<String>) -> Receiver {
-        let std_listener = TcpListener::bind((Ipv4Addr::LOCALHOST, port)).unwrap();
-        std_listener.set_nonblocking(true).unwrap();
-        let addr = std_listener.local_addr().unwrap();
         let records: Arc<Mutex<Vec<Recorded>>> = Arc::default();
-        let (tx, mut rx) = tokio::sync::oneshot::channel::<()>();
         let recs = records.clone();
-        let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                let listener = tokio::net::TcpListener::from_std(std_listener).unwrap();
-                loop {
-                    tokio::select! {
-                        _ = &mut rx => break,
-                        acc = listener.accept() => {
-                            let Ok((stream, _)) = acc else { continue };
-                            let recs = recs.clone();
-                            let location = location.clone();
-                            tokio::spawn(async move {
-                                let svc = hyper::service::service_fn(move |req| {
-                                    let recs = recs.clone();
-                                    let location = location.clone();
-                                    async move { receive(req, recs, status, location).await }
-                                });
-                                let _ = hyper::server::conn::http1::Builder::new()
-                                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
-                                    .await;
-                            });
-                        }
-                    }
-                }
-            });
-        });
+        let server = TestHttpServer::start(
+            TcpListener::bind((Ipv4Addr::LOCALHOST, port)).unwrap(),
+            move |req| receive(req, recs.clone(), status, location.clone()),
+        );
         Receiver {
-            addr,
+            addr: server.addr,
             records,
-            shutdown: Some(tx),
-            thread: Some(thread),
+            _server: server,
         }
     }
 
@@ -134,17 +102,6 @@ async fn receive(
         b.body(http_body_util::Full::new(bytes::Bytes::from_static(b"ok")))
             .unwrap(),
     )
-}
-
-impl Drop for Receiver {
-    fn drop(&mut self) {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
 }
 
 // ---------------------------------------------------------------------------------------
