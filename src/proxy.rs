@@ -163,7 +163,8 @@ async fn refuse(
     ctx: &mut RequestCtx,
 ) -> Result<bool> {
     ctx.outcome = Some(Outcome::Rejected);
-    let (ctype, body) = if wants_html(session) {
+    let html = wants_html(session);
+    let (ctype, body) = if html {
         let branding = tenant.and_then(|t| t.branding.as_ref());
         let b = pages::error_page(branding, r.code, r.message);
         let ct = HeaderValue::from_static("text/html; charset=utf-8");
@@ -191,7 +192,7 @@ async fn refuse(
     if r.status == 405 {
         headers.push((header::ALLOW, HeaderValue::from_static("GET, HEAD, POST")));
     }
-    if tenant.and_then(|t| t.branding.as_ref()).is_some() || wants_html(session) {
+    if html || tenant.and_then(|t| t.branding.as_ref()).is_some() {
         let with_img = tenant
             .and_then(|t| t.branding.as_ref())
             .is_some_and(|b| b.logo_url.is_some());

@@ -534,40 +534,48 @@ impl Upstream {
     }
 }
 
+impl Recorded {
+    /// Reads a whole request (method, path and query, lower-cased headers, body).
+    pub async fn capture(req: hyper::Request<hyper::body::Incoming>) -> Recorded {
+        use http_body_util::BodyExt;
+        let method = req.method().to_string();
+        let uri = req
+            .uri()
+            .path_and_query()
+            .map(|p| p.as_str().to_string())
+            .unwrap_or_else(|| req.uri().to_string());
+        let headers = req
+            .headers()
+            .iter()
+            .map(|(n, v)| {
+                (
+                    n.as_str().to_ascii_lowercase(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
+            .collect();
+        let body = req
+            .into_body()
+            .collect()
+            .await
+            .map(|b| b.to_bytes().to_vec())
+            .unwrap_or_default();
+        Recorded {
+            method,
+            uri,
+            headers,
+            body,
+        }
+    }
+}
+
 async fn upstream_handle(
     req: hyper::Request<hyper::body::Incoming>,
     recs: Arc<Mutex<Vec<Recorded>>>,
 ) -> Result<hyper::Response<http_body_util::Full<bytes::Bytes>>, std::convert::Infallible> {
-    use http_body_util::BodyExt;
-    let method = req.method().to_string();
-    let uri = req
-        .uri()
-        .path_and_query()
-        .map(|p| p.as_str().to_string())
-        .unwrap_or_else(|| req.uri().to_string());
-    let headers = req
-        .headers()
-        .iter()
-        .map(|(n, v)| {
-            (
-                n.as_str().to_ascii_lowercase(),
-                String::from_utf8_lossy(v.as_bytes()).into_owned(),
-            )
-        })
-        .collect();
-    let body = req
-        .into_body()
-        .collect()
-        .await
-        .map(|b| b.to_bytes().to_vec())
-        .unwrap_or_default();
-    let path = uri.split('?').next().unwrap_or("").to_string();
-    recs.lock().unwrap().push(Recorded {
-        method,
-        uri,
-        headers,
-        body,
-    });
+    let rec = Recorded::capture(req).await;
+    let path = rec.uri.split('?').next().unwrap_or("").to_string();
+    recs.lock().unwrap().push(rec);
     if path.contains("/slow") {
         tokio::time::sleep(Duration::from_millis(1500)).await;
     }

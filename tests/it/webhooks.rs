@@ -65,35 +65,8 @@ async fn receive(
     status: u16,
     location: Option<String>,
 ) -> Result<hyper::Response<http_body_util::Full<bytes::Bytes>>, std::convert::Infallible> {
-    use http_body_util::BodyExt;
-    let method = req.method().to_string();
-    let uri = req
-        .uri()
-        .path_and_query()
-        .map(|p| p.as_str().to_string())
-        .unwrap_or_else(|| req.uri().to_string());
-    let headers = req
-        .headers()
-        .iter()
-        .map(|(n, v)| {
-            (
-                n.as_str().to_ascii_lowercase(),
-                String::from_utf8_lossy(v.as_bytes()).into_owned(),
-            )
-        })
-        .collect();
-    let body = req
-        .into_body()
-        .collect()
-        .await
-        .map(|b| b.to_bytes().to_vec())
-        .unwrap_or_default();
-    recs.lock().unwrap().push(Recorded {
-        method,
-        uri,
-        headers,
-        body,
-    });
+    let rec = Recorded::capture(req).await;
+    recs.lock().unwrap().push(rec);
     let mut b = hyper::Response::builder().status(status);
     if let Some(l) = location {
         b = b.header("location", l);
