@@ -25,6 +25,10 @@ use pingora::server::Server;
 use pingora::upstreams::peer::HttpPeer;
 use pingora::Result;
 
+/// The same allocator as linkgate's binary, so the comparison is of the proxies' work.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 struct Baseline {
     upstream: std::net::SocketAddr,
 }

@@ -11,13 +11,18 @@
 # For each run: requests/s, p99 latency, and requests per proxy CPU-second (utime +
 # stime of the proxy process, from /proc/PID/stat).
 #
+# Every client sends the same request: the baseline gets linkgate's session cookie too (it
+# forwards it), HAProxy its HS256 token in a cookie. The proxies run side by side (an idle
+# one costs nothing) and are measured in turn, ROUNDS times; the report gives each figure's
+# median over the rounds, as a shared VM's neighbours skew single runs by 20 % and more.
+#
 # Every proxy runs pinned to PROXY_CPU with one worker thread, wrk to LOAD_CPU
 # (wrk -t1), the upstream (nginx, fixed small 200) to UPSTREAM_CPU. All listeners
 # are on 127.0.0.1; ports are picked free. wrk speaks HTTP/1.1 with keep-alive.
 #
 # Usage: benches/load.sh
 # Environment (defaults):
-#   DURATION=10s  WARMUP=2s  CONNS=50  THREADS=1 (proxy worker threads)
+#   DURATION=5s  WARMUP=1s  ROUNDS=5  CONNS=50  THREADS=1 (proxy worker threads)
 #   PROXY_CPU=0  LOAD_CPU=1  UPSTREAM_CPU=$LOAD_CPU
 #   ONLY=baseline,haproxy,linkgate   subset of runs (linkgate covers forwarded + 401)
 #   STRICT=0     1: exit 1 when a target is missed
@@ -30,8 +35,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/tmp/linkgate-target}
 
-DURATION=${DURATION:-10s}
-WARMUP=${WARMUP:-2s}
+DURATION=${DURATION:-5s}
+WARMUP=${WARMUP:-1s}
+ROUNDS=${ROUNDS:-5}
 CONNS=${CONNS:-50}
 THREADS=${THREADS:-1}
 PROXY_CPU=${PROXY_CPU:-0}
@@ -187,10 +193,11 @@ render() { # render TEMPLATE OUT KEY=VALUE...: replaces @KEY@
 declare -A RPS P99 RPCPU REQS NON2XX CPUS
 ORDER=()
 
-# measure NAME PID URL [wrk args...]: warm-up, then one measured wrk run; records
-# requests/s, p99 (ms), requests, non-2xx/3xx answers and proxy CPU-seconds.
+# measure NAME PID URL [wrk args...]: warm-up, then one measured wrk run; appends the
+# round's requests/s, p99 (ms) and requests per proxy CPU-second to NAME's lists and adds
+# up its requests, non-2xx/3xx answers and proxy CPU-seconds.
 measure() {
-    local name=$1 pid=$2 url=$3 out t0 t1
+    local name=$1 pid=$2 url=$3 out t0 t1 rps reqs non2xx p99 cpus
     shift 3
     log "$name: warm-up $WARMUP, then $DURATION with $CONNS connections"
     taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d"$WARMUP" "$@" "$url" >"$WORK/$name.warmup" 2>&1 ||
@@ -200,23 +207,32 @@ measure() {
     taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d"$DURATION" --latency "$@" "$url" >"$out" 2>&1 ||
         die "$name: wrk failed: $(cat "$out")"
     t1=$(cpu_ticks "$pid")
-    sed 's/^/    /' "$out" >&2
+    awk '/Requests\/sec|99%|Non-2xx|Socket errors/' "$out" | sed 's/^ */    /' >&2
 
-    RPS[$name]=$(awk '/^Requests\/sec:/ { print $2 }' "$out")
-    REQS[$name]=$(awk '/ requests in / { print $1 }' "$out")
-    NON2XX[$name]=$(awk '/Non-2xx or 3xx responses:/ { print $NF }' "$out")
-    NON2XX[$name]=${NON2XX[$name]:-0}
-    P99[$name]=$(awk '$1 == "99%" {
+    rps=$(awk '/^Requests\/sec:/ { print $2 }' "$out")
+    reqs=$(awk '/ requests in / { print $1 }' "$out")
+    non2xx=$(awk '/Non-2xx or 3xx responses:/ { print $NF }' "$out")
+    p99=$(awk '$1 == "99%" {
             v = $2; u = v; sub(/[0-9.]+/, "", u); sub(/[a-z]+$/, "", v)
             f = (u == "us") ? 0.001 : (u == "ms") ? 1 : (u == "s") ? 1000 : (u == "m") ? 60000 : 0
             printf "%.3f", v * f }' "$out")
-    CPUS[$name]=$(awk -v d=$((t1 - t0)) -v hz="$CLK_TCK" 'BEGIN { printf "%.2f", d / hz }')
-    RPCPU[$name]=$(awk -v n="${REQS[$name]}" -v c="${CPUS[$name]}" 'BEGIN { printf "%.0f", (c > 0) ? n / c : 0 }')
-    [[ -n ${RPS[$name]} && -n ${P99[$name]} && -n ${REQS[$name]} ]] || die "$name: cannot parse wrk output"
+    cpus=$(awk -v d=$((t1 - t0)) -v hz="$CLK_TCK" 'BEGIN { printf "%.2f", d / hz }')
+    [[ -n $rps && -n $p99 && -n $reqs ]] || die "$name: cannot parse wrk output"
     if grep -q 'Socket errors' "$out"; then
         log "WARNING: $name: $(grep 'Socket errors' "$out" | sed 's/^ *//')"
     fi
-    ORDER+=("$name")
+    [[ -n ${REQS[$name]:-} ]] || ORDER+=("$name")
+    RPS[$name]+="$rps "
+    P99[$name]+="$p99 "
+    RPCPU[$name]+="$(awk -v n="$reqs" -v c="$cpus" 'BEGIN { printf "%.0f", (c > 0) ? n / c : 0 }') "
+    REQS[$name]=$((${REQS[$name]:-0} + reqs))
+    NON2XX[$name]=$((${NON2XX[$name]:-0} + ${non2xx:-0}))
+    CPUS[$name]=$(awk -v a="${CPUS[$name]:-0}" -v b="$cpus" 'BEGIN { printf "%.2f", a + b }')
+}
+
+median() { # median of the whitespace-separated numbers in $1
+    tr ' ' '\n' <<<"$1" | awk 'NF' | sort -g | awk '{ v[NR] = $1 }
+        END { if (NR == 0) print 0; else if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
 }
 
 # --- Build -----------------------------------------------------------------------------
@@ -265,22 +281,50 @@ expect "upstream direct" 200 "ok subject=" "http://127.0.0.1:$UPSTREAM_PORT/"
 
 log "cores: proxy $PROXY_CPU, wrk $LOAD_CPU, upstream $UPSTREAM_CPU; proxy threads $THREADS"
 
+# --- linkgate: started first, so its session cookie is what every client sends ------------
+COOKIE=
+if wants linkgate; then
+    head -c 32 /dev/urandom >"$WORK/session.key"
+    openssl rand -hex 32 | tr -d '\n' >"$WORK/tenant.key"
+    mkdir -p "$WORK/linkgate-state"
+    render benches/load/linkgate.toml.in "$WORK/linkgate.toml" DIR="$WORK" PORT="$LG_PORT" \
+        HTTP_PORT="$LG_HTTP_PORT" ADMIN_PORT="$LG_ADMIN_PORT" UPSTREAM_PORT="$UPSTREAM_PORT" \
+        THREADS="$THREADS"
+    "$LINKGATE_BIN" check-config --config "$WORK/linkgate.toml" || die "linkgate check-config failed"
+    start linkgate "$PROXY_CPU" "$LINKGATE_BIN" serve --config "$WORK/linkgate.toml"
+    LG_PID=$LAST_PID
+    LG_URL=https://localhost:$LG_PORT/
+    wait_up linkgate "$LG_PID" "$LG_URL"
+    link=$("$LINKGATE_BIN" mint --config "$WORK/linkgate.toml" --tenant bench --sub bench \
+        --host "localhost:$LG_PORT") || die "linkgate mint failed"
+    link=$(tail -1 <<<"$link" | tr -d '[:space:]')
+    redeem=$(curl -k -s -i --max-time 5 "$link") || die "redeeming $link failed"
+    status=$(head -1 <<<"$redeem" | awk '{ print $2 }')
+    [[ $status == 303 ]] || die "redeeming the magic link: HTTP $status, expected 303: $redeem"
+    COOKIE=$(tr -d '\r' <<<"$redeem" | sed -n 's/^[Ss]et-[Cc]ookie: *\([^;]*\).*/\1/p' | head -1)
+    [[ $COOKIE == *=* ]] || die "no session cookie in the 303: $redeem"
+    log "ok: redeemed the magic link -> 303 with ${COOKIE%%=*}"
+    expect "linkgate forwards with a session" 200 "ok subject=bench" -H "Cookie: $COOKIE" "$LG_URL"
+    expect "linkgate refuses no session" 401 "session_required" "$LG_URL"
+fi
+
 # --- (a) baseline pingora proxy --------------------------------------------------------
+BL_ARGS=()
 if wants baseline; then
     start baseline "$PROXY_CPU" "$BASELINE_BIN" serve "127.0.0.1:$BASELINE_PORT" \
         "$WORK/cert.pem" "$WORK/key.pem" "127.0.0.1:$UPSTREAM_PORT" "$THREADS"
-    pid=$LAST_PID
-    url=https://localhost:$BASELINE_PORT/
-    wait_up baseline "$pid" "$url"
-    expect "baseline forwards" 200 "ok subject=" "$url"
-    measure baseline "$pid" "$url"
-    stop "$pid" INT
+    BL_PID=$LAST_PID
+    BL_URL=https://localhost:$BASELINE_PORT/
+    wait_up baseline "$BL_PID" "$BL_URL"
+    expect "baseline forwards" 200 "ok subject=" "$BL_URL"
+    # The same request bytes as linkgate gets: the baseline forwards the cookie as it is.
+    [[ -n $COOKIE ]] && BL_ARGS=(-H "Cookie: $COOKIE")
 fi
 
 # --- (b) HAProxy with jwt_verify --------------------------------------------------------
 if wants haproxy; then
     HMAC_SECRET=$(openssl rand -hex 32)
-    jwt() { # jwt SECRET SUB EXP_OFFSET_SECONDS [alg]: HS256 JWT
+    jwt() { # jwt SECRET SUB EXP_OFFSET_SECONDS: HS256 JWT
         python3 - "$@" <<'EOF'
 import base64, hashlib, hmac, json, sys, time
 secret, sub, off = sys.argv[1], sys.argv[2], int(sys.argv[3])
@@ -297,62 +341,50 @@ EOF
         UPSTREAM_PORT="$UPSTREAM_PORT" HMAC_SECRET="$HMAC_SECRET"
     haproxy -c -q -f "$WORK/haproxy.cfg" || die "haproxy rejects $WORK/haproxy.cfg"
     start haproxy "$PROXY_CPU" haproxy -db -f "$WORK/haproxy.cfg"
-    pid=$LAST_PID
-    url=https://localhost:$HAPROXY_PORT/
-    wait_up haproxy "$pid" "$url"
-    expect "haproxy forwards a valid token" 200 "ok subject=bench" -H "Cookie: session=$TOKEN" "$url"
-    expect "haproxy refuses no token" 401 "" "$url"
-    expect "haproxy refuses a bad signature" 401 "" -H "Cookie: session=$(jwt wrong-secret bench 86400)" "$url"
-    expect "haproxy refuses an expired token" 401 "" -H "Cookie: session=$(jwt "$HMAC_SECRET" bench -60)" "$url"
-    measure haproxy "$pid" "$url" -H "Cookie: session=$TOKEN"
-    stop "$pid" TERM
+    HA_PID=$LAST_PID
+    HA_URL=https://localhost:$HAPROXY_PORT/
+    wait_up haproxy "$HA_PID" "$HA_URL"
+    expect "haproxy forwards a valid token" 200 "ok subject=bench" -H "Cookie: session=$TOKEN" "$HA_URL"
+    expect "haproxy refuses no token" 401 "" "$HA_URL"
+    expect "haproxy refuses a bad signature" 401 "" -H "Cookie: session=$(jwt wrong-secret bench 86400)" "$HA_URL"
+    expect "haproxy refuses an expired token" 401 "" -H "Cookie: session=$(jwt "$HMAC_SECRET" bench -60)" "$HA_URL"
 fi
 
-# --- (c) linkgate: forwarded with a session, and 401 without ----------------------------
+# --- Rounds: (a), (b), then (c) forwarded with a session and 401 without, in turn ---------
+for ((round = 1; round <= ROUNDS; round++)); do
+    log "round $round of $ROUNDS"
+    if wants baseline; then measure baseline "$BL_PID" "$BL_URL" "${BL_ARGS[@]}"; fi
+    if wants haproxy; then measure haproxy "$HA_PID" "$HA_URL" -H "Cookie: session=$TOKEN"; fi
+    if wants linkgate; then
+        measure linkgate "$LG_PID" "$LG_URL" -H "Cookie: $COOKIE"
+        measure linkgate-401 "$LG_PID" "$LG_URL"
+    fi
+done
 if wants linkgate; then
-    head -c 32 /dev/urandom >"$WORK/session.key"
-    openssl rand -hex 32 | tr -d '\n' >"$WORK/tenant.key"
-    mkdir -p "$WORK/linkgate-state"
-    render benches/load/linkgate.toml.in "$WORK/linkgate.toml" DIR="$WORK" PORT="$LG_PORT" \
-        HTTP_PORT="$LG_HTTP_PORT" ADMIN_PORT="$LG_ADMIN_PORT" UPSTREAM_PORT="$UPSTREAM_PORT" \
-        THREADS="$THREADS"
-    "$LINKGATE_BIN" check-config --config "$WORK/linkgate.toml" || die "linkgate check-config failed"
-    start linkgate "$PROXY_CPU" "$LINKGATE_BIN" serve --config "$WORK/linkgate.toml"
-    pid=$LAST_PID
-    url=https://localhost:$LG_PORT/
-    wait_up linkgate "$pid" "$url"
-    link=$("$LINKGATE_BIN" mint --config "$WORK/linkgate.toml" --tenant bench --sub bench \
-        --host "localhost:$LG_PORT") || die "linkgate mint failed"
-    link=$(tail -1 <<<"$link" | tr -d '[:space:]')
-    redeem=$(curl -k -s -i --max-time 5 "$link") || die "redeeming $link failed"
-    status=$(head -1 <<<"$redeem" | awk '{ print $2 }')
-    [[ $status == 303 ]] || die "redeeming the magic link: HTTP $status, expected 303: $redeem"
-    COOKIE=$(tr -d '\r' <<<"$redeem" | sed -n 's/^[Ss]et-[Cc]ookie: *\([^;]*\).*/\1/p' | head -1)
-    [[ $COOKIE == *=* ]] || die "no session cookie in the 303: $redeem"
-    log "ok: redeemed the magic link -> 303 with ${COOKIE%%=*}"
-    expect "linkgate forwards with a session" 200 "ok subject=bench" -H "Cookie: $COOKIE" "$url"
-    expect "linkgate refuses no session" 401 "session_required" "$url"
-    measure linkgate "$pid" "$url" -H "Cookie: $COOKIE"
-    measure linkgate-401 "$pid" "$url"
     if [[ ${NON2XX[linkgate]} != 0 ]]; then
         die "linkgate: ${NON2XX[linkgate]} non-2xx answers while forwarding with a session"
     fi
     if [[ ${NON2XX[linkgate-401]} != "${REQS[linkgate-401]}" ]]; then
         die "linkgate-401: only ${NON2XX[linkgate-401]} of ${REQS[linkgate-401]} answers were not 2xx"
     fi
-    stop "$pid" TERM
 fi
 if wants baseline && [[ ${NON2XX[baseline]} != 0 ]]; then die "baseline: ${NON2XX[baseline]} non-2xx answers"; fi
 if wants haproxy && [[ ${NON2XX[haproxy]} != 0 ]]; then die "haproxy: ${NON2XX[haproxy]} non-2xx answers"; fi
 
 # --- Report ------------------------------------------------------------------------------
 echo
-echo "linkgate load benchmark: wrk -t1 -c$CONNS -d$DURATION, HTTPS keep-alive, $THREADS proxy thread(s)"
+echo "linkgate load benchmark: wrk -t1 -c$CONNS -d$DURATION x $ROUNDS rounds, HTTPS keep-alive, $THREADS proxy thread(s)"
 echo "cores: proxy $PROXY_CPU, wrk $LOAD_CPU, upstream $UPSTREAM_CPU; $(nproc) CPUs, $(uname -r); load average at start $LOADAVG"
+echo "medians over the rounds; each round's req/s in brackets"
 printf '%-14s %12s %10s %12s %10s %12s\n' name "req/s" "p99 ms" "requests" "proxy CPU-s" "req/CPU-s"
 for n in "${ORDER[@]}"; do
-    printf '%-14s %12.0f %10.2f %12d %10.2f %12d\n' "$n" "${RPS[$n]}" "${P99[$n]}" "${REQS[$n]}" \
-        "${CPUS[$n]}" "${RPCPU[$n]}"
+    rounds=${RPS[$n]}
+    RPS[$n]=$(median "${RPS[$n]}")
+    P99[$n]=$(median "${P99[$n]}")
+    RPCPU[$n]=$(median "${RPCPU[$n]}")
+    printf '%-14s %12.0f %10.2f %12d %10.2f %12d   [%s]\n' "$n" "${RPS[$n]}" "${P99[$n]}" \
+        "${REQS[$n]}" "${CPUS[$n]}" "${RPCPU[$n]}" \
+        "$(awk '{ for (i = 1; i <= NF; i++) printf "%s%.0f", (i > 1 ? " " : ""), $i }' <<<"$rounds")"
 done
 echo
 

@@ -2,6 +2,8 @@
 //! percent-decoded, `.` and `..` segments removed) and the prefix rule of `public_paths` and
 //! `paths`.
 
+use std::borrow::Cow;
+
 /// A path that climbs above `/` or is not a path at all.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("the request path is not valid")]
@@ -15,16 +17,25 @@ fn hex(b: u8) -> Option<u8> {
     (b as char).to_digit(16).map(|d| d as u8)
 }
 
+/// A byte a path may not hold unencoded.
+fn is_forbidden(b: u8) -> bool {
+    b.is_ascii_control() || b == b' ' || b == b'#' || b == b'?'
+}
+
 /// Normalises `raw` (the path part of a request target, without query).
 ///
-/// Fast path: a path with no `%` and no dot segment is returned borrowed-equal (copied once).
-pub fn normalize(raw: &str) -> Result<String, BadPath> {
+/// Fast path: a path with no `%` and no dot segment is already normal and is returned
+/// borrowed.
+pub fn normalize(raw: &str) -> Result<Cow<'_, str>, BadPath> {
     if !raw.starts_with('/') {
         return if raw.is_empty() {
-            Ok("/".into())
+            Ok(Cow::Borrowed("/"))
         } else {
             Err(BadPath)
         };
+    }
+    if !raw.contains("/.") && !raw.bytes().any(|b| b == b'%' || is_forbidden(b)) {
+        return Ok(Cow::Borrowed(raw));
     }
     // 1. Decode percent-encoded unreserved characters; keep the rest encoded (upper-case hex).
     let bytes = raw.as_bytes();
@@ -49,7 +60,7 @@ pub fn normalize(raw: &str) -> Result<String, BadPath> {
             }
             i += 3;
         } else {
-            if b.is_ascii_control() || b == b' ' || b == b'#' || b == b'?' {
+            if is_forbidden(b) {
                 return Err(BadPath);
             }
             decoded.push(b as char);
@@ -57,7 +68,7 @@ pub fn normalize(raw: &str) -> Result<String, BadPath> {
         }
     }
     if !decoded.contains("/.") {
-        return Ok(decoded);
+        return Ok(Cow::Owned(decoded));
     }
     // 2. Remove dot segments; climbing above the root is refused.
     let mut out: Vec<&str> = Vec::new();
@@ -87,7 +98,7 @@ pub fn normalize(raw: &str) -> Result<String, BadPath> {
     if trailing_slash || path.is_empty() {
         path.push('/');
     }
-    Ok(path)
+    Ok(Cow::Owned(path))
 }
 
 /// The prefix rule: a prefix ending in `/` matches everything under it; any other matches

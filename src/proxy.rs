@@ -25,6 +25,10 @@ use crate::tls::HandshakeSni;
 
 /// Path of the JWKS on every served host.
 pub const JWKS_PATH: &str = "/.well-known/linkgate/jwks.json";
+const X_LINKGATE_ASSERTION: HeaderName = HeaderName::from_static("x-linkgate-assertion");
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 /// Largest request body drained to keep a connection after answering a link `POST`.
 const MAX_DRAIN_BYTES: usize = 16 * 1024;
 
@@ -225,40 +229,77 @@ fn client_ip(session: &Session) -> Option<IpAddr> {
         .map(|a| link::canonical_ip(a.ip()))
 }
 
-/// Removes client-sent identity headers (`X-Linkgate-*` and the tenant's `headers` names,
-/// compared case-insensitively with `_` as `-`) and `X-Forwarded-*`.
-fn strip_identity_headers(req: &mut RequestHeader, tenant: &Tenant) {
-    let doomed: Vec<HeaderName> =
-        req.headers
-            .keys()
-            .filter(|name| {
-                let n = name.as_str();
-                let dashed = |i: usize, c: u8| {
-                    let b = n.as_bytes().get(i).copied();
-                    b == Some(c) || (c == b'-' && b == Some(b'_'))
-                };
-                let starts_linkgate = n.len() >= 11
-                    && b"x-linkgate-"
-                        .iter()
-                        .enumerate()
-                        .all(|(i, c)| dashed(i, *c));
-                let starts_forwarded = n.len() >= 12
-                    && b"x-forwarded-"
-                        .iter()
-                        .enumerate()
-                        .all(|(i, c)| dashed(i, *c));
-                starts_linkgate
-                    || starts_forwarded
-                    || n == "forwarded"
-                    || tenant.strip_names.iter().any(|s| {
-                        s.len() == n.len() && s.bytes().enumerate().all(|(i, c)| dashed(i, c))
-                    })
-            })
-            .cloned()
-            .collect();
-    for name in doomed {
-        req.remove_header(&name);
+/// True for a client-sent header the gateway never forwards: `X-Linkgate-*`, the tenant's
+/// `headers` names (compared case-insensitively with `_` as `-`), `X-Forwarded-*` and
+/// `Forwarded`. Names from the `http` crate are already lower-case.
+fn is_identity_header(name: &HeaderName, tenant: &Tenant) -> bool {
+    let n = name.as_str().as_bytes();
+    // Compares `n` with a lower-case, `-`-separated name prefix, `_` matching `-`.
+    let starts_with = |prefix: &[u8]| {
+        n.len() >= prefix.len()
+            && n.iter()
+                .zip(prefix)
+                .all(|(&b, &c)| b == c || (c == b'-' && b == b'_'))
+    };
+    starts_with(b"x-linkgate-")
+        || starts_with(b"x-forwarded-")
+        || n == b"forwarded"
+        || tenant
+            .strip_names
+            .iter()
+            .any(|s| s.len() == n.len() && starts_with(s.as_bytes()))
+}
+
+/// The request sent upstream, as parts to add headers to: `req` without client-sent identity
+/// headers and without the session cookie, with room for `extra` more headers, and with
+/// `uri` as its target. `RequestHeader::from` the parts gives what pingora sends.
+///
+/// Built in one pass into a map sized up front. Header-name case is not kept (HTTP field
+/// names are case-insensitive; HAProxy lower-cases them too), which spares pingora's second,
+/// case-preserving map and its growth on every inserted header.
+fn upstream_header(
+    req: &RequestHeader,
+    uri: http::Uri,
+    tenant: &Tenant,
+    cookie_name: &str,
+    extra: usize,
+) -> http::request::Parts {
+    let mut headers = http::HeaderMap::with_capacity(req.headers.len() + extra);
+    for (name, value) in req.headers.iter() {
+        if is_identity_header(name, tenant) {
+            continue;
+        }
+        if name == header::COOKIE {
+            if let Some(c) = value
+                .to_str()
+                .ok()
+                .filter(|c| find_cookie(c, cookie_name).is_some())
+            {
+                if let Some(rest) = remove_cookie(c, cookie_name) {
+                    headers.append(name.clone(), hv(&rest));
+                }
+                continue;
+            }
+        }
+        headers.append(name.clone(), value.clone());
     }
+    let (mut parts, ()) = http::Request::new(()).into_parts();
+    parts.method = req.method.clone();
+    parts.uri = uri;
+    parts.version = req.version;
+    parts.headers = headers;
+    parts.extensions = req.extensions.clone();
+    parts
+}
+
+/// `ip` as a header value, formatted without a heap-allocated `String`.
+fn ip_header_value(ip: IpAddr) -> Option<HeaderValue> {
+    use std::io::Write;
+    let mut buf = [0u8; 46];
+    let mut w = &mut buf[..];
+    write!(w, "{ip}").ok()?;
+    let len = 46 - w.len();
+    HeaderValue::from_bytes(&buf[..len]).ok()
 }
 
 /// The magic-link token of a request, and whether it came in the path form.
@@ -324,11 +365,12 @@ impl GatewayProxy {
         };
         ctx.host = host;
         ctx.tenant = Some(tenant.clone());
-        strip_identity_headers(session.req_header_mut(), &tenant);
 
-        let raw_path = session.req_header().uri.path().to_string();
-        let query = session.req_header().uri.query().map(str::to_string);
-        let path = match crate::paths::normalize(&raw_path) {
+        // A clone shares the URI's bytes; it lets the path be borrowed across `&mut session`.
+        let uri = session.req_header().uri.clone();
+        let raw_path = uri.path();
+        let query = uri.query();
+        let path = match crate::paths::normalize(raw_path) {
             Ok(p) => p,
             Err(_) => return refuse(session, Some(&tenant), Refusal::BAD_PATH, ctx).await,
         };
@@ -349,17 +391,9 @@ impl GatewayProxy {
             return Ok(true);
         }
 
-        if let Some((token, path_form)) = find_token(&path, query.as_deref()) {
+        if let Some((token, path_form)) = find_token(&path, query) {
             return self
-                .handle_link(
-                    session,
-                    ctx,
-                    &tenant,
-                    &token,
-                    path_form,
-                    &path,
-                    query.as_deref(),
-                )
+                .handle_link(session, ctx, &tenant, &token, path_form, &path, query)
                 .await;
         }
 
@@ -384,6 +418,7 @@ impl GatewayProxy {
             }
         };
 
+        let mut identity = None;
         if let Some(open) = session_data.as_ref().map(|c| &c.value) {
             if let Some(Value::Array(allowed)) = open.claims.get("paths") {
                 let ok = allowed.iter().any(|p| {
@@ -401,49 +436,41 @@ impl GatewayProxy {
                     c.insert("sub".into(), open.data.subject.clone().into());
                     c
                 });
-            let req = session.req_header_mut();
-            for (name, value) in &open.headers {
-                req.insert_header(name.clone(), value.clone())?;
-            }
-            req.insert_header("x-linkgate-assertion", assertion)?;
+            identity = Some((&open.headers, assertion));
         }
 
-        // Forward: session cookie removed, X-Forwarded-* set, normalised path.
-        let ip = client_ip(session);
-        let cookie_name = &gw.cookie_name;
-        let req = session.req_header_mut();
-        if let Some(c) = req
-            .headers
-            .get(header::COOKIE)
-            .and_then(|c| c.to_str().ok())
-        {
-            if find_cookie(c, cookie_name).is_some() {
-                match remove_cookie(c, cookie_name) {
-                    Some(rest) => {
-                        req.insert_header(header::COOKIE, hv(&rest))?;
-                    }
-                    None => {
-                        req.remove_header(&header::COOKIE);
-                    }
-                }
-            }
-        }
-        if let Some(ip) = ip {
-            req.insert_header("x-forwarded-for", hv(&ip.to_string()))?;
-        }
-        req.insert_header("x-forwarded-proto", HeaderValue::from_static("https"))?;
-        req.insert_header("x-forwarded-host", hv(&ctx.host))?;
-        if path != raw_path {
-            let pq = match &query {
+        // Forward: identity headers stripped then set, session cookie removed,
+        // X-Forwarded-* replaced, normalised path.
+        let uri = if path == raw_path {
+            uri.clone()
+        } else {
+            let pq = match query {
                 Some(q) => format!("{path}?{q}"),
-                None => path.clone(),
+                None => path.to_string(),
             };
-            let uri = http::Uri::builder()
+            http::Uri::builder()
                 .path_and_query(pq)
                 .build()
-                .map_err(|_| Error::explain(ErrorType::InvalidHTTPHeader, "bad path"))?;
-            req.set_uri(uri);
+                .map_err(|_| Error::explain(ErrorType::InvalidHTTPHeader, "bad path"))?
+        };
+        let ip = client_ip(session);
+        let extra = identity.as_ref().map_or(0, |(h, _)| h.len() + 1) + 3;
+        let mut req = upstream_header(session.req_header(), uri, &tenant, &gw.cookie_name, extra);
+        // The names are not in the map (stripped above), so `insert` adds without searching
+        // values to replace; plain `http` inserts copy no name bytes.
+        let h = &mut req.headers;
+        if let Some((headers, assertion)) = identity {
+            for (name, value) in headers {
+                h.insert(name.clone(), value.clone());
+            }
+            h.insert(X_LINKGATE_ASSERTION, assertion);
         }
+        if let Some(v) = ip.and_then(ip_header_value) {
+            h.insert(X_FORWARDED_FOR, v);
+        }
+        h.insert(X_FORWARDED_PROTO, HeaderValue::from_static("https"));
+        h.insert(X_FORWARDED_HOST, hv(&ctx.host));
+        *session.req_header_mut() = RequestHeader::from(req);
         ctx.outcome = Some(if public && session_data.is_none() {
             Outcome::Public
         } else {
@@ -784,7 +811,13 @@ impl ProxyHttp for GatewayProxy {
             .upstream
             .select(b"", 256)
             .ok_or_else(|| Error::explain(ErrorType::ConnectNoRoute, "no healthy upstream"))?;
-        let mut peer = HttpPeer::new(backend.addr, tenant.upstream_tls, ctx.host.clone());
+        // SNI only matters (and is only allocated) for a TLS upstream.
+        let sni = if tenant.upstream_tls {
+            ctx.host.clone()
+        } else {
+            String::new()
+        };
+        let mut peer = HttpPeer::new(backend.addr, tenant.upstream_tls, sni);
         peer.options.connection_timeout = Some(std::time::Duration::from_secs(5));
         Ok(Box::new(peer))
     }
@@ -885,7 +918,7 @@ mod tests {
     }
 
     #[test]
-    fn identity_headers_stripped() {
+    fn identity_headers_and_session_cookie_stripped() {
         use crate::config::{ConfirmMode, KeyAlg, KeyConfig, KeyMaterial, Secret, TenantConfig};
         let t = Tenant::new(&TenantConfig {
             id: "acme".into(),
@@ -919,9 +952,23 @@ mod tests {
         }
         req.append_header("x-linkgatex", "kept").unwrap();
         req.append_header("accept", "kept").unwrap();
-        strip_identity_headers(&mut req, &t);
-        let mut left: Vec<&str> = req.headers.keys().map(|k| k.as_str()).collect();
+        req.append_header("cookie", "a=1; __Host-linkgate=s; b=2")
+            .unwrap();
+        req.append_header("cookie", "__Host-linkgate=s").unwrap();
+        req.append_header("cookie", "c=3").unwrap();
+        let uri: http::Uri = "/p?q=1".parse().unwrap();
+        let parts = upstream_header(&req, uri, &t, "__Host-linkgate", 4);
+        let mut left: Vec<&str> = parts.headers.keys().map(|k| k.as_str()).collect();
         left.sort();
-        assert_eq!(left, vec!["accept", "x-linkgatex"]);
+        assert_eq!(left, vec!["accept", "cookie", "x-linkgatex"]);
+        let cookies: Vec<&str> = parts
+            .headers
+            .get_all("cookie")
+            .iter()
+            .map(|v| v.to_str().unwrap())
+            .collect();
+        assert_eq!(cookies, vec!["a=1; b=2", "c=3"]);
+        assert_eq!(parts.uri, "/p?q=1");
+        assert_eq!(parts.method, http::Method::GET);
     }
 }

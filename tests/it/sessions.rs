@@ -174,6 +174,36 @@ async fn session_cookie_is_removed_other_cookies_kept() {
     assert!(!rec.dump().contains(&cookie));
 }
 
+/// HTTP/2 clients split cookies into one `cookie` field each (RFC 9113 §8.2.3): the session
+/// cookie must go whichever field it is in.
+#[tokio::test]
+async fn session_cookie_is_removed_from_any_cookie_field() {
+    let gw = Gateway::default().await;
+    let cookie = gw.login("acme", "alice").await;
+    let r = gw
+        .client()
+        .get(gw.url("acme", "/crumbs"))
+        .header("cookie", "theme=dark")
+        .header("cookie", format!("{COOKIE}={cookie}"))
+        .header("cookie", "lang=en")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let rec = gw.upstream("acme").last("/crumbs").unwrap();
+    assert_eq!(rec.header("x-linkgate-subject"), Some("alice"));
+    let sent = rec.headers_all("cookie");
+    assert!(
+        !rec.dump().contains(&cookie) && !sent.iter().any(|c| c.contains(COOKIE)),
+        "session cookie forwarded: {sent:?}"
+    );
+    let sent = sent.join("; ");
+    assert!(
+        sent.contains("theme=dark") && sent.contains("lang=en"),
+        "cookies upstream: {sent:?}"
+    );
+}
+
 #[tokio::test]
 async fn missing_and_invalid_sessions() {
     let gw = Gateway::default().await;
