@@ -350,15 +350,14 @@ EOF
     expect "haproxy refuses an expired token" 401 "" -H "Cookie: session=$(jwt "$HMAC_SECRET" bench -60)" "$HA_URL"
 fi
 
-# --- Rounds: (a), (b), then (c) forwarded with a session and 401 without, in turn ---------
+# --- Rounds: (a), (c) forwarded, (b), (c) 401 without a session, in turn ------------------
 for ((round = 1; round <= ROUNDS; round++)); do
     log "round $round of $ROUNDS"
+    # linkgate runs between the two it is compared with.
     if wants baseline; then measure baseline "$BL_PID" "$BL_URL" "${BL_ARGS[@]}"; fi
+    if wants linkgate; then measure linkgate "$LG_PID" "$LG_URL" -H "Cookie: $COOKIE"; fi
     if wants haproxy; then measure haproxy "$HA_PID" "$HA_URL" -H "Cookie: session=$TOKEN"; fi
-    if wants linkgate; then
-        measure linkgate "$LG_PID" "$LG_URL" -H "Cookie: $COOKIE"
-        measure linkgate-401 "$LG_PID" "$LG_URL"
-    fi
+    if wants linkgate; then measure linkgate-401 "$LG_PID" "$LG_URL"; fi
 done
 if wants linkgate; then
     if [[ ${NON2XX[linkgate]} != 0 ]]; then
@@ -378,22 +377,22 @@ echo "cores: proxy $PROXY_CPU, wrk $LOAD_CPU, upstream $UPSTREAM_CPU; $(nproc) C
 echo "medians over the rounds; each round's req/s in brackets"
 printf '%-14s %12s %10s %12s %10s %12s\n' name "req/s" "p99 ms" "requests" "proxy CPU-s" "req/CPU-s"
 for n in "${ORDER[@]}"; do
-    rounds=${RPS[$n]}
-    RPS[$n]=$(median "${RPS[$n]}")
-    P99[$n]=$(median "${P99[$n]}")
-    RPCPU[$n]=$(median "${RPCPU[$n]}")
-    printf '%-14s %12.0f %10.2f %12d %10.2f %12d   [%s]\n' "$n" "${RPS[$n]}" "${P99[$n]}" \
-        "${REQS[$n]}" "${CPUS[$n]}" "${RPCPU[$n]}" \
-        "$(awk '{ for (i = 1; i <= NF; i++) printf "%s%.0f", (i > 1 ? " " : ""), $i }' <<<"$rounds")"
+    printf '%-14s %12.0f %10.2f %12d %10.2f %12d   [%s]\n' "$n" "$(median "${RPS[$n]}")" \
+        "$(median "${P99[$n]}")" "${REQS[$n]}" "${CPUS[$n]}" "$(median "${RPCPU[$n]}")" \
+        "$(awk '{ for (i = 1; i <= NF; i++) printf "%s%.0f", (i > 1 ? " " : ""), $i }' <<<"${RPS[$n]}")"
 done
 echo
 
 missed=0
-# ratio LABEL A B [TARGET DIR]: prints A/B and, with a TARGET, whether it is met
-# (DIR ge: at least TARGET; le: at most TARGET).
+# ratio LABEL A B [TARGET DIR]: A and B are per-round lists; prints the median of the
+# per-round ratios A_i/B_i (the two runs of a round are back to back, so the machine's drift
+# mostly cancels) and, with a TARGET, whether it is met (DIR ge: at least; le: at most).
 ratio() {
     local label=$1 a=$2 b=$3 target=${4:-} dir=${5:-} r verdict=""
-    r=$(awk -v a="$a" -v b="$b" 'BEGIN { printf "%.3f", (b > 0) ? a / b : 0 }')
+    r=$(median "$(awk -v a="$a" -v b="$b" 'BEGIN {
+            n = split(a, x, " "); split(b, y, " ")
+            for (i = 1; i <= n; i++) if (y[i] > 0) printf "%.4f ", x[i] / y[i] }')")
+    r=$(awk -v r="$r" 'BEGIN { printf "%.3f", r }')
     if [[ -n $target ]]; then
         if awk -v r="$r" -v t="$target" -v d="$dir" 'BEGIN { exit !((d == "ge") ? r >= t : r <= t) }'; then
             verdict=ok
@@ -405,7 +404,7 @@ ratio() {
     fi
     printf '  %-44s %7s   %s\n' "$label" "$r" "$verdict"
 }
-echo "ratios"
+echo "ratios (median of the per-round ratios)"
 if wants linkgate && wants baseline; then
     ratio "linkgate / baseline pingora, req/s" "${RPS[linkgate]}" "${RPS[baseline]}" 0.95 ge
     ratio "linkgate / baseline pingora, req/CPU-s" "${RPCPU[linkgate]}" "${RPCPU[baseline]}"
