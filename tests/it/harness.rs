@@ -893,6 +893,7 @@ impl Gateway {
             self.signal("TERM");
             self.wait_exit(Duration::from_secs(30)).await;
         }
+        self.wait_ports_free(Duration::from_secs(10)).await;
         let log = fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -921,6 +922,28 @@ impl Gateway {
 
     pub fn pid(&self) -> u32 {
         self.child.as_ref().unwrap().id()
+    }
+
+    /// Waits until the gateway's ports can be bound again. A restart once failed with
+    /// `AddrInUse` on its HTTPS port right after the old process had exited; this waits that
+    /// out and, if it lasts, names who holds the port.
+    async fn wait_ports_free(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        for port in [self.p.https_port, self.p.http_port, self.p.admin_port] {
+            while TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_err() {
+                if Instant::now() > deadline {
+                    let holders = Command::new("ss")
+                        .args(["-tanp", &format!("sport = :{port}")])
+                        .output()
+                        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                        .unwrap_or_default();
+                    panic!(
+                        "port {port} still in use {timeout:?} after linkgate exited:\n{holders}"
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
     }
 
     /// Kills the gateway with SIGKILL (no graceful shutdown) and reaps it; `restart()`
