@@ -442,7 +442,7 @@ impl GatewayProxy {
         // Forward: identity headers stripped then set, session cookie removed,
         // X-Forwarded-* replaced, normalised path.
         let uri = if path == raw_path {
-            uri.clone()
+            uri
         } else {
             let pq = match query {
                 Some(q) => format!("{path}?{q}"),

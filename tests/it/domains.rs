@@ -131,15 +131,7 @@ async fn onboarding_reaches_active_and_serves_magic_links() {
     // GET and the list agree.
     let got = env.get_domain(host).await;
     assert_eq!(got["records"][0]["value"], own_value.as_str());
-    let list: Value = env
-        .gw
-        .admin(reqwest::Method::GET, "/v1/domains")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list = env.list_domains().await;
     assert!(
         list["domains"]
             .as_array()
@@ -609,15 +601,7 @@ async fn hostname_validation_and_conflicts() {
         expect_admin_error(r, 409, "hostname_taken").await;
     }
     // Nothing was created by the refused requests.
-    let list: Value = env
-        .gw
-        .admin(reqwest::Method::GET, "/v1/domains")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list = env.list_domains().await;
     let names: Vec<&str> = list["domains"]
         .as_array()
         .unwrap()

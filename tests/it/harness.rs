@@ -351,7 +351,8 @@ pub struct TestPki {
     pub leaf_key_pem: String,
 }
 
-pub fn make_pki(hosts: &[String]) -> TestPki {
+/// A self-signed test CA named `common_name` (valid 2020–2099) and its key.
+pub fn test_ca(common_name: &str) -> (rcgen::Certificate, rcgen::KeyPair) {
     use rcgen::{
         BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, KeyPair,
         KeyUsagePurpose,
@@ -359,13 +360,19 @@ pub fn make_pki(hosts: &[String]) -> TestPki {
     let ca_key = KeyPair::generate().unwrap();
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
     let mut dn = DistinguishedName::new();
-    dn.push(DnType::CommonName, "linkgate test CA");
+    dn.push(DnType::CommonName, common_name);
     ca_params.distinguished_name = dn;
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     ca_params.not_before = rcgen::date_time_ymd(2020, 1, 1);
     ca_params.not_after = rcgen::date_time_ymd(2099, 1, 1);
     let ca = ca_params.self_signed(&ca_key).unwrap();
+    (ca, ca_key)
+}
+
+pub fn make_pki(hosts: &[String]) -> TestPki {
+    use rcgen::{CertificateParams, DistinguishedName, DnType, KeyPair};
+    let (ca, ca_key) = test_ca("linkgate test CA");
 
     let leaf_key = KeyPair::generate().unwrap();
     let mut lp = CertificateParams::new(hosts.to_vec()).unwrap();

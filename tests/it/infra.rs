@@ -335,19 +335,10 @@ pub struct ApiPki {
 
 pub fn make_api_pki() -> ApiPki {
     use rcgen::{
-        BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
-        IsCa, KeyPair, KeyUsagePurpose,
+        CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, KeyPair,
+        KeyUsagePurpose,
     };
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    let mut dn = DistinguishedName::new();
-    dn.push(DnType::CommonName, "linkgate it pebble API CA");
-    ca_params.distinguished_name = dn;
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    ca_params.not_before = rcgen::date_time_ymd(2020, 1, 1);
-    ca_params.not_after = rcgen::date_time_ymd(2099, 1, 1);
-    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let (ca, ca_key) = crate::harness::test_ca("linkgate it pebble API CA");
 
     let key = KeyPair::generate().unwrap();
     let mut p = CertificateParams::new(vec![
@@ -701,6 +692,20 @@ impl DomainEnv {
         let st = r.status().as_u16();
         let text = r.text().await.unwrap();
         assert_eq!(st, 200, "GET /v1/domains/{hostname}: {text}");
+        serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text}"))
+    }
+
+    /// `GET /v1/domains`, asserting 200.
+    pub async fn list_domains(&self) -> Value {
+        let r = self
+            .gw
+            .admin(reqwest::Method::GET, "/v1/domains")
+            .send()
+            .await
+            .unwrap();
+        let st = r.status().as_u16();
+        let text = r.text().await.unwrap();
+        assert_eq!(st, 200, "GET /v1/domains: {text}");
         serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text}"))
     }
 
