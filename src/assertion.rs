@@ -45,7 +45,7 @@ pub struct AssertionSigner {
     kid: String,
     key: EncodingKey,
     jwks: Vec<u8>,
-    cache: DashMap<[u8; 16], Cached>,
+    cache: DashMap<[u8; 16], Cached, crate::gateway::FastHasher>,
 }
 
 impl AssertionSigner {
@@ -61,7 +61,7 @@ impl AssertionSigner {
             kid,
             key: EncodingKey::from_ed_der(pkcs8),
             jwks,
-            cache: DashMap::new(),
+            cache: DashMap::default(),
         })
     }
 

@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use dashmap::DashMap;
-use pingora::lb::{health_check::TcpHealthCheck, selection::RoundRobin, LoadBalancer};
 use serde_json::{Map, Value};
 
 use crate::assertion::AssertionSigner;
@@ -20,12 +19,22 @@ use crate::revocation::Revocations;
 use crate::session::SessionSealer;
 use crate::store::Store;
 use crate::tls::CertStore;
+use crate::upstream::UpstreamPool;
+
+/// The hasher of the maps the hot path reads: hostnames, tenant ids, session nonces. Their
+/// keys are chosen by the operator or generated at random, and client input only looks them
+/// up, so SipHash's resistance to collision flooding buys nothing there; foldhash is faster.
+pub type FastHasher = foldhash::fast::RandomState;
+/// Tenant id -> tenant.
+pub type TenantMap = HashMap<String, Arc<Tenant>, FastHasher>;
+/// Served hostname -> tenant id.
+pub type HostMap = DashMap<String, Arc<str>, FastHasher>;
 
 /// A tenant as the hot path needs it: keys prepared, header names lower-cased.
 pub struct Tenant {
     pub id: String,
     pub keys: TenantKeys,
-    pub upstream: Arc<LoadBalancer<RoundRobin>>,
+    pub upstream: UpstreamPool,
     pub upstream_tls: bool,
     pub public_paths: Vec<String>,
     pub login_url: Option<String>,
@@ -42,14 +51,6 @@ impl Tenant {
     /// Prepares `t`'s keys and upstream pool.
     pub fn new(t: &TenantConfig) -> Result<Self, KeyError> {
         let keys = TenantKeys::new(&t.keys)?;
-        let mut lb = LoadBalancer::<RoundRobin>::try_from_iter(t.upstream.iter().copied())
-            .expect("socket addresses need no lookup");
-        let mut hc = TcpHealthCheck::new();
-        hc.consecutive_failure = 2;
-        hc.consecutive_success = 1;
-        lb.set_health_check(hc);
-        lb.health_check_frequency = Some(Duration::from_secs(5));
-        lb.parallel_health_check = true;
         let headers = t
             .headers
             .iter()
@@ -66,7 +67,7 @@ impl Tenant {
         Ok(Self {
             id: t.id.clone(),
             keys,
-            upstream: Arc::new(lb),
+            upstream: UpstreamPool::new(t.upstream.iter().copied()),
             upstream_tls: t.upstream_tls,
             public_paths: t.public_paths.clone(),
             login_url: t.login_url.clone(),
@@ -91,9 +92,9 @@ pub struct Gateway {
     pub config: ArcSwap<Config>,
     pub cookie_name: String,
     pub sealer: SessionSealer,
-    pub tenants: ArcSwap<HashMap<String, Arc<Tenant>>>,
+    pub tenants: ArcSwap<TenantMap>,
     /// Served hostname -> tenant id.
-    pub hosts: DashMap<String, Arc<str>>,
+    pub hosts: HostMap,
     pub certs: Arc<CertStore>,
     pub revocations: Revocations,
     pub store: Arc<dyn Store>,

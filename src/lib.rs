@@ -27,4 +27,5 @@ pub mod server;
 pub mod session;
 pub mod store;
 pub mod tls;
+pub mod upstream;
 pub mod webhooks;

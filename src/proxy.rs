@@ -20,7 +20,9 @@ use crate::gateway::{now, Gateway, InFlight, Tenant};
 use crate::link::{self, LinkContext, LinkError, ValidLink};
 use crate::metrics::Outcome;
 use crate::pages;
-use crate::session::{find_cookie, remove_cookie, Cached, SessionData, MAX_COOKIE_VALUE};
+use crate::session::{
+    find_cookie, strip_cookie, Cached, CookieStrip, SessionData, MAX_COOKIE_VALUE,
+};
 use crate::tls::HandshakeSni;
 
 /// Path of the JWKS on every served host.
@@ -270,15 +272,15 @@ fn upstream_header(
             continue;
         }
         if name == header::COOKIE {
-            if let Some(c) = value
-                .to_str()
-                .ok()
-                .filter(|c| find_cookie(c, cookie_name).is_some())
-            {
-                if let Some(rest) = remove_cookie(c, cookie_name) {
-                    headers.append(name.clone(), hv(&rest));
+            if let Ok(c) = value.to_str() {
+                match strip_cookie(c, cookie_name) {
+                    CookieStrip::Absent => {}
+                    CookieStrip::Emptied => continue,
+                    CookieStrip::Rest(rest) => {
+                        headers.append(name.clone(), hv(&rest));
+                        continue;
+                    }
                 }
-                continue;
             }
         }
         headers.append(name.clone(), value.clone());
@@ -292,9 +294,31 @@ fn upstream_header(
     parts
 }
 
-/// `ip` as a header value, formatted without a heap-allocated `String`.
+/// `ip` as a header value, formatted without a heap-allocated `String` (and, for IPv4, without
+/// the formatting machinery, which costs more than the rest of the header).
 fn ip_header_value(ip: IpAddr) -> Option<HeaderValue> {
     use std::io::Write;
+    if let IpAddr::V4(v4) = ip {
+        let mut buf = [0u8; 15];
+        let mut len = 0;
+        for (i, octet) in v4.octets().into_iter().enumerate() {
+            if i > 0 {
+                buf[len] = b'.';
+                len += 1;
+            }
+            if octet >= 100 {
+                buf[len] = b'0' + octet / 100;
+                len += 1;
+            }
+            if octet >= 10 {
+                buf[len] = b'0' + octet / 10 % 10;
+                len += 1;
+            }
+            buf[len] = b'0' + octet % 10;
+            len += 1;
+        }
+        return HeaderValue::from_bytes(&buf[..len]).ok();
+    }
     let mut buf = [0u8; 46];
     let mut w = &mut buf[..];
     write!(w, "{ip}").ok()?;
@@ -807,9 +831,9 @@ impl ProxyHttp for GatewayProxy {
             .tenant
             .as_ref()
             .ok_or_else(|| Error::explain(ErrorType::InternalError, "no tenant"))?;
-        let backend = tenant
+        let addr = tenant
             .upstream
-            .select(b"", 256)
+            .select()
             .ok_or_else(|| Error::explain(ErrorType::ConnectNoRoute, "no healthy upstream"))?;
         // SNI only matters (and is only allocated) for a TLS upstream.
         let sni = if tenant.upstream_tls {
@@ -817,7 +841,7 @@ impl ProxyHttp for GatewayProxy {
         } else {
             String::new()
         };
-        let mut peer = HttpPeer::new(backend.addr, tenant.upstream_tls, sni);
+        let mut peer = HttpPeer::new(addr, tenant.upstream_tls, sni);
         peer.options.connection_timeout = Some(std::time::Duration::from_secs(5));
         Ok(Box::new(peer))
     }
@@ -915,6 +939,23 @@ mod tests {
         );
         assert_eq!(query_without_token(Some("magic_link=t")), None);
         assert_eq!(query_without_token(Some("magic%5Flink=t")), None);
+    }
+
+    #[test]
+    fn ip_header_value_matches_display() {
+        for ip in [
+            "0.0.0.0",
+            "255.255.255.255",
+            "10.0.100.9",
+            "127.0.0.1",
+            "192.168.10.99",
+            "1.20.203.4",
+            "::1",
+            "2001:db8::8a2e:370:7334",
+        ] {
+            let ip: IpAddr = ip.parse().unwrap();
+            assert_eq!(ip_header_value(ip).unwrap(), ip.to_string().as_str());
+        }
     }
 
     #[test]

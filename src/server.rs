@@ -1,7 +1,6 @@
 //! `linkgate serve`: builds the shared state from a validated [`Config`], then runs the
 //! HTTPS proxy, the HTTP listener, the admin listener and the background tasks on pingora.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -21,7 +20,7 @@ use crate::admin::AdminApi;
 use crate::assertion::AssertionSigner;
 use crate::config::{Config, StoreUrl};
 use crate::domains::DomainManager;
-use crate::gateway::{now, Gateway, Tenant};
+use crate::gateway::{now, Gateway, HostMap, Tenant, TenantMap};
 use crate::metrics::Metrics;
 use crate::proxy::GatewayProxy;
 use crate::redirect::HttpRedirect;
@@ -31,7 +30,7 @@ use crate::store::{SqliteStore, Store};
 use crate::tls::{certified_key_from_pem, CertStore, HandshakeCallbacks, SniResolver};
 
 /// Builds the tenants of `config`.
-fn build_tenants(config: &Config) -> anyhow::Result<HashMap<String, Arc<Tenant>>> {
+fn build_tenants(config: &Config) -> anyhow::Result<TenantMap> {
     config
         .tenants
         .iter()
@@ -47,7 +46,7 @@ fn build_tenants(config: &Config) -> anyhow::Result<HashMap<String, Arc<Tenant>>
 fn install_static(
     config: &Config,
     certs: &CertStore,
-    hosts: &DashMap<String, Arc<str>>,
+    hosts: &HostMap,
     metrics: &Metrics,
 ) -> anyhow::Result<()> {
     for c in &config.certificates {
@@ -95,7 +94,7 @@ pub async fn build_gateway(config: Config, metrics: Arc<Metrics>) -> anyhow::Res
     let (kid, der) = store.signing_key(&kid, &der).await?;
     let signer = AssertionSigner::new(kid, &der)?;
     let certs = Arc::new(CertStore::default());
-    let hosts = DashMap::new();
+    let hosts = HostMap::default();
     install_static(&config, &certs, &hosts, &metrics)?;
     let tenants = build_tenants(&config)?;
     let gw = Gateway {
@@ -149,7 +148,7 @@ pub fn reload(gw: &Gateway) -> Result<(), Vec<String>> {
     }
     let tenants = build_tenants(&new).map_err(|e| vec![format!("{e:#}")])?;
     let certs = CertStore::default();
-    let hosts = DashMap::new();
+    let hosts = HostMap::default();
     install_static(&new, &certs, &hosts, &gw.metrics).map_err(|e| vec![format!("{e:#}")])?;
     // Publish: new names first, then drop the ones no longer configured.
     for h in hosts.iter() {
@@ -243,7 +242,7 @@ impl BackgroundService for Housekeeping {
             if seconds % 5 == 1 {
                 let tenants = gw.tenants.load_full();
                 for t in tenants.values() {
-                    t.upstream.backends().run_health_check(true).await;
+                    t.upstream.check_health().await;
                 }
             }
             if seconds % 3600 == 0 {

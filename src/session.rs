@@ -123,7 +123,7 @@ impl SessionSealer {
 /// value, so a cookie is decrypted once and its later requests cost a map lookup.
 /// Bounded: cleared when `max` entries are reached.
 pub struct SessionCache<T> {
-    map: DashMap<[u8; 16], Arc<Cached<T>>>,
+    map: DashMap<[u8; 16], Arc<Cached<T>>, crate::gateway::FastHasher>,
     max: usize,
 }
 
@@ -138,7 +138,7 @@ impl<T> SessionCache<T> {
     /// An empty cache holding at most `max` sessions.
     pub fn new(max: usize) -> Self {
         Self {
-            map: DashMap::new(),
+            map: DashMap::default(),
             max,
         }
     }
@@ -171,32 +171,79 @@ impl<T> SessionCache<T> {
     }
 }
 
-/// The cache key of a cookie value: the first 16 bytes of its nonce.
+/// The cache key of a cookie value: its first 16 characters, which encode 12 bytes of its
+/// random nonce. Only a hint: an entry is used only when the whole value matches.
 fn cache_key(value: &str) -> Option<[u8; 16]> {
-    let head = value.get(..24)?;
-    let mut buf = [0u8; 18];
-    URL_SAFE_NO_PAD.decode_slice(head, &mut buf).ok()?;
-    let mut key = [0u8; 16];
-    key.copy_from_slice(&buf[..16]);
-    Some(key)
+    value.as_bytes().get(..16)?.try_into().ok()
+}
+
+/// The `;`-separated pairs of a `Cookie` header, untrimmed. Found with SIMD `memchr`: the
+/// session cookie alone is a few hundred bytes, scanned on every request.
+fn cookie_pairs(header: &str) -> impl Iterator<Item = &str> {
+    let mut rest = Some(header);
+    std::iter::from_fn(move || {
+        let h = rest?;
+        match memchr::memchr(b';', h.as_bytes()) {
+            Some(i) => {
+                rest = Some(&h[i + 1..]);
+                Some(&h[..i])
+            }
+            None => {
+                rest = None;
+                Some(h)
+            }
+        }
+    })
+}
+
+/// The value of a trimmed cookie pair `name=value` (`None` for any other pair).
+fn pair_value<'a>(pair: &'a str, name: &str) -> Option<&'a str> {
+    pair.strip_prefix(name)?.strip_prefix('=')
+}
+
+/// Whether a trimmed cookie pair is cookie `name`, with a value or without `=`.
+fn is_named(pair: &str, name: &str) -> bool {
+    pair == name || pair_value(pair, name).is_some()
 }
 
 /// The value of cookie `name` in a `Cookie` header, if present.
 pub fn find_cookie<'a>(header: &'a str, name: &str) -> Option<&'a str> {
-    header.split(';').find_map(|pair| {
-        let (k, v) = pair.trim().split_once('=')?;
-        (k == name).then_some(v.trim())
-    })
+    cookie_pairs(header).find_map(|pair| pair_value(pair.trim(), name).map(str::trim))
 }
 
-/// The `Cookie` header with cookie `name` removed; `None` when nothing else remains.
-pub fn remove_cookie(header: &str, name: &str) -> Option<String> {
-    let kept: Vec<&str> = header
-        .split(';')
-        .map(str::trim)
-        .filter(|p| !p.is_empty() && p.split_once('=').map_or(*p, |(k, _)| k) != name)
-        .collect();
-    (!kept.is_empty()).then(|| kept.join("; "))
+/// A `Cookie` header after taking one cookie out of it.
+#[derive(Debug, PartialEq, Eq)]
+pub enum CookieStrip {
+    /// The cookie is not in the header: forward it unchanged.
+    Absent,
+    /// The cookie was the only one: drop the header.
+    Emptied,
+    /// The other cookies, as sent, joined by `; `.
+    Rest(String),
+}
+
+/// `header` without cookie `name`. Allocates only when other cookies remain.
+pub fn strip_cookie(header: &str, name: &str) -> CookieStrip {
+    if !cookie_pairs(header).any(|p| is_named(p.trim(), name)) {
+        return CookieStrip::Absent;
+    }
+    let mut rest = String::new();
+    for pair in cookie_pairs(header).map(str::trim) {
+        if pair.is_empty() || is_named(pair, name) {
+            continue;
+        }
+        if rest.is_empty() {
+            rest.reserve(header.len());
+        } else {
+            rest.push_str("; ");
+        }
+        rest.push_str(pair);
+    }
+    if rest.is_empty() {
+        CookieStrip::Emptied
+    } else {
+        CookieStrip::Rest(rest)
+    }
 }
 
 #[cfg(test)]
@@ -259,9 +306,37 @@ mod tests {
         assert_eq!(find_cookie(h, "__Host-linkgate"), Some("xyz"));
         assert_eq!(find_cookie(h, "c"), None);
         assert_eq!(
-            remove_cookie(h, "__Host-linkgate").as_deref(),
-            Some("a=1; b=2")
+            find_cookie("x__Host-linkgate=1; __Host-linkgate=2", "__Host-linkgate"),
+            Some("2")
         );
-        assert_eq!(remove_cookie("__Host-linkgate=x", "__Host-linkgate"), None);
+        assert_eq!(find_cookie("__Host-linkgate-2=1", "__Host-linkgate"), None);
+        let name = "__Host-linkgate";
+        assert_eq!(strip_cookie(h, name), CookieStrip::Rest("a=1; b=2".into()));
+        assert_eq!(
+            strip_cookie(" __Host-linkgate=x ", name),
+            CookieStrip::Emptied
+        );
+        assert_eq!(
+            strip_cookie("__Host-linkgate=x;;", name),
+            CookieStrip::Emptied
+        );
+        assert_eq!(strip_cookie("a=1;b=2", name), CookieStrip::Absent);
+        // The name inside another cookie's name or value is not the cookie.
+        assert_eq!(strip_cookie("a=__Host-linkgate", name), CookieStrip::Absent);
+        assert_eq!(
+            strip_cookie("__Host-linkgate2=1", name),
+            CookieStrip::Absent
+        );
+        assert_eq!(
+            strip_cookie("__Host-linkgate=1; __Host-linkgate=2; c=3", name),
+            CookieStrip::Rest("c=3".into())
+        );
+        assert_eq!(
+            strip_cookie("__Host-linkgate; c=3", name),
+            CookieStrip::Rest("c=3".into())
+        );
+        assert_eq!(find_cookie("", name), None);
+        assert_eq!(find_cookie("__Host-linkgate", name), None, "no value");
+        assert_eq!(strip_cookie(";;", name), CookieStrip::Absent);
     }
 }
