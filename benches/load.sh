@@ -20,6 +20,10 @@
 # (wrk -t1), the upstream (nginx, fixed small 200) to UPSTREAM_CPU. All listeners
 # are on 127.0.0.1; ports are picked free. wrk speaks HTTP/1.1 with keep-alive.
 #
+# INSTR=1 runs the same rounds with each proxy under valgrind's callgrind and reports user-space
+# instructions per request instead: a figure that, unlike req/s on a shared VM, does not move
+# with the neighbours' load (kernel time is not in it). Timings in that mode are meaningless.
+#
 # Usage: benches/load.sh
 # Environment (defaults):
 #   DURATION=5s  WARMUP=1s  ROUNDS=5  CONNS=50  THREADS=1 (proxy worker threads)
@@ -27,6 +31,8 @@
 #   ONLY=baseline,haproxy,linkgate   subset of runs (linkgate covers forwarded + 401)
 #   STRICT=0     1: exit 1 when a target is missed
 #   KEEP=0       1: keep the work directory (configs, logs, wrk outputs)
+#   INSTR=0      1: instructions per request under callgrind (then DURATION=10s WARMUP=2s
+#                ROUNDS=1 CONNS=4: each run's few TLS handshakes are counted, and cost alike)
 #   CARGO_TARGET_DIR=/var/tmp/linkgate-target
 # Needs: wrk haproxy nginx openssl curl python3 taskset (apt-installed when missing
 # and running as root).
@@ -35,6 +41,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/tmp/linkgate-target}
 
+INSTR=${INSTR:-0}
+if [[ $INSTR == 1 ]]; then
+    DURATION=${DURATION:-10s} WARMUP=${WARMUP:-2s} ROUNDS=${ROUNDS:-1} CONNS=${CONNS:-4}
+fi
 DURATION=${DURATION:-5s}
 WARMUP=${WARMUP:-1s}
 ROUNDS=${ROUNDS:-5}
@@ -57,6 +67,7 @@ wants() { [[ ",$ONLY," == *",$1,"* ]]; }
 # --- Tools ---------------------------------------------------------------------------
 declare -A PKG_OF=([wrk]=wrk [haproxy]=haproxy [nginx]=nginx [openssl]=openssl
     [curl]=curl [python3]=python3 [taskset]=util-linux)
+[[ $INSTR == 1 ]] && PKG_OF+=([valgrind]=valgrind [callgrind_control]=valgrind)
 missing=()
 for cmd in "${!PKG_OF[@]}"; do
     command -v "$cmd" >/dev/null 2>&1 || [[ -x /usr/sbin/$cmd ]] || missing+=("${PKG_OF[$cmd]}")
@@ -111,12 +122,18 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-# start NAME CPU CMD...: runs CMD pinned to CPU in the background; sets $LAST_PID.
+declare -A CG_OUT
+# start NAME CPU CMD...: runs CMD pinned to CPU in the background; sets $LAST_PID. With
+# INSTR=1 a proxy runs under callgrind, instrumented only while measured.
 start() {
-    local name=$1 cpu=$2
+    local name=$1 cpu=$2 pre=()
     shift 2
-    taskset -c "$cpu" "$@" >"$WORK/$name.log" 2>&1 &
+    if [[ $INSTR == 1 && $name != nginx ]]; then
+        pre=(valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$WORK/$name.cg")
+    fi
+    taskset -c "$cpu" "${pre[@]}" "$@" >"$WORK/$name.log" 2>&1 &
     LAST_PID=$!
+    CG_OUT[$LAST_PID]=$WORK/$name.cg
     PIDS+=("$LAST_PID")
 }
 
@@ -134,8 +151,9 @@ stop() {
 
 # wait_up NAME PID URL: until URL answers anything over HTTP(S), or fail.
 wait_up() {
-    local name=$1 pid=$2 url=$3 i code
-    for ((i = 0; i < 200; i++)); do
+    local name=$1 pid=$2 url=$3 i code tries=200
+    [[ $INSTR == 1 ]] && tries=1200 # start-up under valgrind takes a while
+    for ((i = 0; i < tries; i++)); do
         kill -0 "$pid" 2>/dev/null || {
             tail -20 "$WORK/$name.log" >&2
             die "$name exited during start-up (log above)"
@@ -152,7 +170,7 @@ wait_up() {
 expect() {
     local what=$1 status=$2 pattern=$3 out code
     shift 3
-    out=$(curl -k -s --max-time 5 -w '\n%{http_code}' "$@") || die "$what: curl failed"
+    out=$(curl -k -s --max-time 30 -w '\n%{http_code}' "$@") || die "$what: curl failed"
     code=${out##*$'\n'}
     [[ $code == "$status" ]] || die "$what: HTTP $code, expected $status (body: ${out%$'\n'*})"
     [[ -z $pattern || $out == *"$pattern"* ]] || die "$what: body lacks '$pattern': ${out%$'\n'*}"
@@ -190,7 +208,7 @@ render() { # render TEMPLATE OUT KEY=VALUE...: replaces @KEY@
     fi
 }
 
-declare -A RPS P99 RPCPU REQS NON2XX CPUS
+declare -A RPS P99 RPCPU REQS NON2XX CPUS INSTRS
 ORDER=()
 
 # measure NAME PID URL [wrk args...]: warm-up, then one measured wrk run; appends the
@@ -203,10 +221,22 @@ measure() {
     taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d"$WARMUP" "$@" "$url" >"$WORK/$name.warmup" 2>&1 ||
         die "$name: wrk warm-up failed: $(cat "$WORK/$name.warmup")"
     out=$WORK/$name.wrk
+    if [[ $INSTR == 1 ]]; then
+        callgrind_control -z "$pid" >/dev/null && callgrind_control -i on "$pid" >/dev/null ||
+            die "$name: callgrind_control cannot reach pid $pid"
+    fi
     t0=$(cpu_ticks "$pid")
     taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d"$DURATION" --latency "$@" "$url" >"$out" 2>&1 ||
         die "$name: wrk failed: $(cat "$out")"
     t1=$(cpu_ticks "$pid")
+    if [[ $INSTR == 1 ]]; then
+        callgrind_control -i off "$pid" >/dev/null
+        callgrind_control -d "$pid" >/dev/null
+        local dump ir
+        dump=$(ls -t "${CG_OUT[$pid]}".* 2>/dev/null | head -1)
+        ir=$(awk '/^totals:/ { print $2 }' "$dump" 2>/dev/null)
+        [[ -n $ir ]] || die "$name: no callgrind totals in '${dump}'"
+    fi
     awk '/Requests\/sec|99%|Non-2xx|Socket errors/' "$out" | sed 's/^ */    /' >&2
 
     rps=$(awk '/^Requests\/sec:/ { print $2 }' "$out")
@@ -228,6 +258,10 @@ measure() {
     REQS[$name]=$((${REQS[$name]:-0} + reqs))
     NON2XX[$name]=$((${NON2XX[$name]:-0} + ${non2xx:-0}))
     CPUS[$name]=$(awk -v a="${CPUS[$name]:-0}" -v b="$cpus" 'BEGIN { printf "%.2f", a + b }')
+    if [[ $INSTR == 1 ]]; then
+        INSTRS[$name]+="$(awk -v i="$ir" -v n="$reqs" 'BEGIN { printf "%.0f", i / n }') "
+        log "    instructions per request: $(awk '{ print $NF }' <<<"${INSTRS[$name]}")"
+    fi
 }
 
 median() { # median of the whitespace-separated numbers in $1
@@ -371,6 +405,24 @@ if wants baseline && [[ ${NON2XX[baseline]} != 0 ]]; then die "baseline: ${NON2X
 if wants haproxy && [[ ${NON2XX[haproxy]} != 0 ]]; then die "haproxy: ${NON2XX[haproxy]} non-2xx answers"; fi
 
 # --- Report ------------------------------------------------------------------------------
+if [[ $INSTR == 1 ]]; then
+    echo
+    echo "linkgate instruction counts: callgrind, wrk -t1 -c$CONNS -d$DURATION x $ROUNDS round(s); user space only"
+    echo "(each run opens $CONNS TLS connections; their handshakes are in the counts)"
+    printf '%-14s %14s %10s\n' name "instr/request" requests
+    for n in "${ORDER[@]}"; do
+        printf '%-14s %14.0f %10d\n' "$n" "$(median "${INSTRS[$n]}")" "${REQS[$n]}"
+    done
+    echo
+    irat() { # irat LABEL A B: ratio of the median instruction counts
+        printf '  %-44s %7.3f\n' "$1" "$(awk -v a="$(median "${INSTRS[$2]}")" -v b="$(median "${INSTRS[$3]}")" 'BEGIN { print a / b }')"
+    }
+    echo "instructions per request, ratios (lower is cheaper)"
+    if wants linkgate && wants baseline; then irat "linkgate / baseline pingora" linkgate baseline; fi
+    if wants linkgate && wants haproxy; then irat "linkgate / haproxy jwt_verify" linkgate haproxy; fi
+    if wants linkgate; then irat "linkgate 401 / forwarded" linkgate-401 linkgate; fi
+    exit 0
+fi
 echo
 echo "linkgate load benchmark: wrk -t1 -c$CONNS -d$DURATION x $ROUNDS rounds, HTTPS keep-alive, $THREADS proxy thread(s)"
 echo "cores: proxy $PROXY_CPU, wrk $LOAD_CPU, upstream $UPSTREAM_CPU; $(nproc) CPUs, $(uname -r); load average at start $LOADAVG"
