@@ -22,8 +22,9 @@ use crate::tls::CertStore;
 use crate::upstream::UpstreamPool;
 
 /// The hasher of the maps the hot path reads: hostnames, tenant ids, session nonces. Their
-/// keys are chosen by the operator or generated at random, and client input only looks them
-/// up, so SipHash's resistance to collision flooding buys nothing there; foldhash is faster.
+/// keys come through the config or the admin API or are random, and client input only looks
+/// them up; foldhash is seeded per process, so colliding keys cannot be prepared in advance.
+/// It costs a fraction of SipHash on these short keys.
 pub type FastHasher = foldhash::fast::RandomState;
 /// Tenant id -> tenant.
 pub type TenantMap = HashMap<String, Arc<Tenant>, FastHasher>;

@@ -119,8 +119,8 @@ impl SessionSealer {
     }
 }
 
-/// Sessions already opened, keyed by the cookie's nonce and matched on the full cookie
-/// value, so a cookie is decrypted once and its later requests cost a map lookup.
+/// Sessions already opened, keyed by the cookie's first characters (its random nonce) and
+/// matched on the full cookie value, so a cookie is decrypted once and its later requests cost a map lookup.
 /// Bounded: cleared when `max` entries are reached.
 pub struct SessionCache<T> {
     map: DashMap<[u8; 16], Arc<Cached<T>>, crate::gateway::FastHasher>,
