@@ -683,29 +683,25 @@ impl DomainEnv {
     }
 
     pub async fn get_domain(&self, hostname: &str) -> Value {
-        let r = self
-            .gw
-            .admin(reqwest::Method::GET, &format!("/v1/domains/{hostname}"))
-            .send()
-            .await
-            .unwrap();
-        let st = r.status().as_u16();
-        let text = r.text().await.unwrap();
-        assert_eq!(st, 200, "GET /v1/domains/{hostname}: {text}");
-        serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text}"))
+        self.admin_get(&format!("/v1/domains/{hostname}")).await
     }
 
     /// `GET /v1/domains`, asserting 200.
     pub async fn list_domains(&self) -> Value {
+        self.admin_get("/v1/domains").await
+    }
+
+    /// `GET path` on the admin listener, asserting 200 and a JSON body.
+    async fn admin_get(&self, path: &str) -> Value {
         let r = self
             .gw
-            .admin(reqwest::Method::GET, "/v1/domains")
+            .admin(reqwest::Method::GET, path)
             .send()
             .await
             .unwrap();
         let st = r.status().as_u16();
         let text = r.text().await.unwrap();
-        assert_eq!(st, 200, "GET /v1/domains: {text}");
+        assert_eq!(st, 200, "GET {path}: {text}");
         serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text}"))
     }
 
