@@ -15,7 +15,7 @@ use crate::acme::{AcmeClient, Issued};
 use crate::admin::rfc3339;
 use crate::config::Config;
 use crate::dns::{DnsChecker, DomainDns, RecordCheck, RecordStatus};
-use crate::gateway::{now, Gateway};
+use crate::gateway::{now, Gateway, HostRoute};
 use crate::metrics::DOMAIN_STATES;
 use crate::store::{DomainRow, StoreError};
 use crate::tls::certified_key_from_pem;
@@ -298,7 +298,7 @@ impl DomainManager {
         }
         self.gw
             .hosts
-            .insert(d.hostname.clone(), Arc::from(d.tenant.as_str()));
+            .insert(d.hostname.clone(), HostRoute::new(&d.hostname, &d.tenant));
         self.gw
             .metrics
             .certificate_expiry

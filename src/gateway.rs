@@ -28,8 +28,30 @@ use crate::upstream::UpstreamPool;
 pub type FastHasher = foldhash::fast::RandomState;
 /// Tenant id -> tenant.
 pub type TenantMap = HashMap<String, Arc<Tenant>, FastHasher>;
-/// Served hostname -> tenant id.
-pub type HostMap = DashMap<String, Arc<str>, FastHasher>;
+/// Served hostname -> its route.
+pub type HostMap = DashMap<String, Arc<HostRoute>, FastHasher>;
+
+/// Where a served hostname goes, with what each request to it needs built once.
+pub struct HostRoute {
+    /// The hostname, lower-case.
+    pub name: Box<str>,
+    /// Id of the tenant serving it.
+    pub tenant: Box<str>,
+    /// `name` as the `X-Forwarded-Host` value.
+    pub forwarded_host: http::HeaderValue,
+}
+
+impl HostRoute {
+    /// The route of `name` (lower-case) to `tenant`.
+    pub fn new(name: &str, tenant: &str) -> Arc<Self> {
+        Arc::new(Self {
+            name: name.into(),
+            tenant: tenant.into(),
+            forwarded_host: http::HeaderValue::from_str(name)
+                .unwrap_or_else(|_| http::HeaderValue::from_static("")),
+        })
+    }
+}
 
 /// A tenant as the hot path needs it: keys prepared, header names lower-cased.
 pub struct Tenant {
@@ -94,7 +116,7 @@ pub struct Gateway {
     pub cookie_name: String,
     pub sealer: SessionSealer,
     pub tenants: ArcSwap<TenantMap>,
-    /// Served hostname -> tenant id.
+    /// Served hostname -> route (tenant id).
     pub hosts: HostMap,
     pub certs: Arc<CertStore>,
     pub revocations: Revocations,
@@ -118,10 +140,11 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    /// The tenant serving `host` (lower-case, no port).
-    pub fn tenant_for_host(&self, host: &str) -> Option<Arc<Tenant>> {
-        let id = self.hosts.get(host)?;
-        self.tenants.load().get(&**id).cloned()
+    /// The route of `host` (lower-case, no port) and the tenant serving it.
+    pub fn route(&self, host: &str) -> Option<(Arc<HostRoute>, Arc<Tenant>)> {
+        let route = self.hosts.get(host)?.clone();
+        let tenant = self.tenants.load().get(&*route.tenant).cloned()?;
+        Some((route, tenant))
     }
 
     /// The tenant with this id.

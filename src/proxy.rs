@@ -3,6 +3,7 @@
 //! page, refusals) or forwarded with identity headers. Answers are written directly so the
 //! connection stays open (pingora's `respond_error` would close it).
 
+use std::borrow::Cow;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;
@@ -16,7 +17,7 @@ use pingora::ErrorType;
 use serde_json::{Map, Value};
 
 use crate::config::ConfirmMode;
-use crate::gateway::{now, Gateway, InFlight, Tenant};
+use crate::gateway::{now, Gateway, HostRoute, InFlight, Tenant};
 use crate::link::{self, LinkContext, LinkError, ValidLink};
 use crate::metrics::Outcome;
 use crate::pages;
@@ -62,8 +63,16 @@ pub struct RequestCtx {
     start: Instant,
     _in_flight: InFlight,
     tenant: Option<Arc<Tenant>>,
-    host: String,
+    /// The served host's route, once the host is known.
+    route: Option<Arc<HostRoute>>,
     outcome: Option<Outcome>,
+}
+
+impl RequestCtx {
+    /// The request's served host (lower-case, no port), or `""` before it is known.
+    fn host(&self) -> &str {
+        self.route.as_ref().map_or("", |r| &r.name)
+    }
 }
 
 /// A refusal of the contract's section 3 or 4 table.
@@ -211,9 +220,13 @@ async fn refuse(
     Ok(true)
 }
 
-/// `Host` (or `:authority`) lower-cased, port removed.
-fn request_host(session: &Session) -> Option<String> {
-    let req = session.req_header();
+/// Room for a hostname lower-cased on the stack (DNS names have at most 253 characters).
+const HOST_BUF: usize = 255;
+
+/// `Host` (or `:authority`) without port and trailing dot, lower-case: borrowed from the
+/// request when it already is (the usual case), else lower-cased into `buf` (or, past its
+/// size, into a `String`). `None` when absent or empty.
+fn request_host<'a>(req: &'a RequestHeader, buf: &'a mut [u8; HOST_BUF]) -> Option<Cow<'a, str>> {
     let raw = req
         .uri
         .authority()
@@ -221,7 +234,20 @@ fn request_host(session: &Session) -> Option<String> {
         .or_else(|| req.headers.get(header::HOST).and_then(|h| h.to_str().ok()))?;
     let (name, _) = crate::mint::split_host_port(raw);
     let name = name.trim_end_matches('.');
-    (!name.is_empty()).then(|| name.to_ascii_lowercase())
+    if name.is_empty() {
+        return None;
+    }
+    if !name.bytes().any(|b| b.is_ascii_uppercase()) {
+        return Some(Cow::Borrowed(name));
+    }
+    if name.len() > HOST_BUF {
+        return Some(Cow::Owned(name.to_ascii_lowercase()));
+    }
+    let lower = &mut buf[..name.len()];
+    lower.copy_from_slice(name.as_bytes());
+    lower.make_ascii_lowercase();
+    // ASCII case changes keep UTF-8 valid.
+    std::str::from_utf8(lower).ok().map(Cow::Borrowed)
 }
 
 fn client_ip(session: &Session) -> Option<IpAddr> {
@@ -272,15 +298,23 @@ fn upstream_header(
             continue;
         }
         if name == header::COOKIE {
-            if let Ok(c) = value.to_str() {
-                match strip_cookie(c, cookie_name) {
+            // `from_utf8` checks a long cookie line in chunks, where `to_str` goes byte by byte.
+            match std::str::from_utf8(value.as_bytes()) {
+                Ok(c) => match strip_cookie(c, cookie_name) {
                     CookieStrip::Absent => {}
                     CookieStrip::Emptied => continue,
                     CookieStrip::Rest(rest) => {
                         headers.append(name.clone(), hv(&rest));
                         continue;
                     }
+                },
+                // A line that cannot be parsed never carries the session cookie upstream.
+                Err(_)
+                    if memchr::memmem::find(value.as_bytes(), cookie_name.as_bytes()).is_some() =>
+                {
+                    continue
                 }
+                Err(_) => {}
             }
         }
         headers.append(name.clone(), value.clone());
@@ -369,25 +403,25 @@ fn claim_header_value(v: &Value) -> Option<HeaderValue> {
 impl GatewayProxy {
     async fn handle(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         let gw = &self.gw;
-        let host = request_host(session);
-        let sni = session
-            .digest()
-            .and_then(|d| d.ssl_digest.as_ref())
-            .and_then(|d| d.extension.get::<HandshakeSni>());
-        let Some(host) = host else {
-            return refuse(session, None, Refusal::UNKNOWN_HOST, ctx).await;
-        };
-        match sni {
-            Some(sni) if *sni.0 != *host => {
-                return refuse(session, None, Refusal::HOST_MISMATCH, ctx).await;
+        // The host is compared and looked up where it lies (no allocation): the route found
+        // carries the owned name on.
+        let routed = {
+            let mut buf = [0u8; HOST_BUF];
+            let sni = session
+                .digest()
+                .and_then(|d| d.ssl_digest.as_ref())
+                .and_then(|d| d.extension.get::<HandshakeSni>());
+            match (request_host(session.req_header(), &mut buf), sni) {
+                (None, _) | (Some(_), None) => Err(Refusal::UNKNOWN_HOST),
+                (Some(host), Some(sni)) if *sni.0 != *host => Err(Refusal::HOST_MISMATCH),
+                (Some(host), Some(_)) => gw.route(&host).ok_or(Refusal::UNKNOWN_HOST),
             }
-            Some(_) => {}
-            None => return refuse(session, None, Refusal::UNKNOWN_HOST, ctx).await,
-        }
-        let Some(tenant) = gw.tenant_for_host(&host) else {
-            return refuse(session, None, Refusal::UNKNOWN_HOST, ctx).await;
         };
-        ctx.host = host;
+        let (route, tenant) = match routed {
+            Ok(r) => r,
+            Err(r) => return refuse(session, None, r, ctx).await,
+        };
+        ctx.route = Some(route.clone());
         ctx.tenant = Some(tenant.clone());
 
         // A clone shares the URI's bytes; it lets the path be borrowed across `&mut session`.
@@ -422,10 +456,11 @@ impl GatewayProxy {
         }
 
         let public = tenant.is_public(&path);
+        let now = now();
         let session_data = if public {
             None
         } else {
-            match self.session_from_cookie(session, &tenant).await {
+            match self.session_from_cookie(session, &tenant, now).await {
                 Ok(s) => Some(s),
                 Err(r) => {
                     if let Some(login) = &tenant.login_url {
@@ -455,7 +490,7 @@ impl GatewayProxy {
             }
             let assertion = gw
                 .signer
-                .assertion(open.id, &ctx.host, &tenant.id, now(), || {
+                .assertion(open.id, &route.name, &tenant.id, now, || {
                     let mut c = (*open.claims).clone();
                     c.insert("sub".into(), open.data.subject.clone().into());
                     c
@@ -493,7 +528,7 @@ impl GatewayProxy {
             h.insert(X_FORWARDED_FOR, v);
         }
         h.insert(X_FORWARDED_PROTO, HeaderValue::from_static("https"));
-        h.insert(X_FORWARDED_HOST, hv(&ctx.host));
+        h.insert(X_FORWARDED_HOST, route.forwarded_host.clone());
         *session.req_header_mut() = RequestHeader::from(req);
         ctx.outcome = Some(if public && session_data.is_none() {
             Outcome::Public
@@ -509,6 +544,7 @@ impl GatewayProxy {
         &self,
         session: &Session,
         tenant: &Tenant,
+        now: i64,
     ) -> std::result::Result<Arc<Cached<OpenSession>>, Refusal> {
         let gw = &self.gw;
         let value = session
@@ -516,10 +552,9 @@ impl GatewayProxy {
             .headers
             .get_all(header::COOKIE)
             .iter()
-            .filter_map(|c| c.to_str().ok())
+            .filter_map(|c| std::str::from_utf8(c.as_bytes()).ok())
             .find_map(|c| find_cookie(c, &gw.cookie_name))
             .ok_or(Refusal::SESSION_REQUIRED)?;
-        let now = now();
         let open = match gw.session_cache.get(value) {
             Some(c) => c,
             None => {
@@ -648,7 +683,7 @@ impl GatewayProxy {
                 "tenant": tenant.id,
                 "subject": link.subject,
                 "jti": link.jti,
-                "host": ctx.host,
+                "host": ctx.host(),
                 "client_ip": client_ip(session).map(|ip| ip.to_string()),
                 "ctx": link.claims().get("ctx").cloned().unwrap_or(Value::Null),
             });
@@ -736,7 +771,7 @@ impl GatewayProxy {
         ];
         ctx.outcome = Some(Outcome::Redeemed);
         gw.metrics.sessions_created.inc();
-        tracing::info!(tenant = %tenant.id, host = %ctx.host, jti = link.jti.as_deref().unwrap_or("-"), "link redeemed");
+        tracing::info!(tenant = %tenant.id, host = %ctx.host(), jti = link.jti.as_deref().unwrap_or("-"), "link redeemed");
         send(session, 303, &headers, Vec::new()).await?;
         Ok(true)
     }
@@ -810,7 +845,7 @@ impl ProxyHttp for GatewayProxy {
             start: Instant::now(),
             _in_flight: InFlight::new(&self.gw.in_flight),
             tenant: None,
-            host: String::new(),
+            route: None,
             outcome: None,
         }
     }
@@ -837,7 +872,7 @@ impl ProxyHttp for GatewayProxy {
             .ok_or_else(|| Error::explain(ErrorType::ConnectNoRoute, "no healthy upstream"))?;
         // SNI only matters (and is only allocated) for a TLS upstream.
         let sni = if tenant.upstream_tls {
-            ctx.host.clone()
+            ctx.host().to_string()
         } else {
             String::new()
         };
@@ -889,7 +924,7 @@ impl ProxyHttp for GatewayProxy {
         m.request(ctx.outcome.unwrap_or(Outcome::Rejected));
         tracing::debug!(
             method = %session.req_header().method,
-            host = %ctx.host,
+            host = %ctx.host(),
             status = session.response_written().map(|r| r.status.as_u16()).unwrap_or(0),
             outcome = ?ctx.outcome,
             "request"
@@ -898,7 +933,7 @@ impl ProxyHttp for GatewayProxy {
 
     /// Never includes the URI: it may carry a magic-link token.
     fn request_summary(&self, session: &Session, ctx: &RequestCtx) -> String {
-        format!("{} host={}", session.req_header().method, ctx.host)
+        format!("{} host={}", session.req_header().method, ctx.host())
     }
 
     /// A client that goes away (closing a keep-alive connection, aborting a request) is not an
@@ -959,6 +994,51 @@ mod tests {
     }
 
     #[test]
+    fn request_host_is_lower_case_without_port() {
+        let host = |authority: Option<&str>, host: Option<&[u8]>| {
+            let mut req = RequestHeader::build("GET", b"/p", None).unwrap();
+            if let Some(a) = authority {
+                req.set_uri(format!("https://{a}/p").parse().unwrap());
+            }
+            if let Some(h) = host {
+                req.insert_header("host", HeaderValue::from_bytes(h).unwrap())
+                    .unwrap();
+            }
+            let mut buf = [0u8; HOST_BUF];
+            request_host(&req, &mut buf).map(|h| h.into_owned())
+        };
+        let some = |s: &str| Some(s.to_string());
+        assert_eq!(
+            host(None, Some(b"links.acme.test")),
+            some("links.acme.test")
+        );
+        assert_eq!(
+            host(None, Some(b"Links.ACME.test:8443")),
+            some("links.acme.test")
+        );
+        assert_eq!(
+            host(None, Some(b"links.acme.test.")),
+            some("links.acme.test")
+        );
+        assert_eq!(
+            host(Some("LINKS.acme.test:443"), None),
+            some("links.acme.test")
+        );
+        // `:authority` wins over `Host`.
+        assert_eq!(host(Some("a.test"), Some(b"b.test")), some("a.test"));
+        assert_eq!(host(None, None), None);
+        assert_eq!(host(None, Some(b"")), None);
+        assert_eq!(host(None, Some(b":443")), None);
+        assert_eq!(host(None, Some(b"\xe9.test")), None);
+        // Longer than the stack buffer: lower-cased all the same.
+        let long = format!("{}.TEST", "A".repeat(300));
+        assert_eq!(
+            host(None, Some(long.as_bytes())),
+            Some(long.to_ascii_lowercase())
+        );
+    }
+
+    #[test]
     fn identity_headers_and_session_cookie_stripped() {
         use crate::config::{ConfirmMode, KeyAlg, KeyConfig, KeyMaterial, Secret, TenantConfig};
         let t = Tenant::new(&TenantConfig {
@@ -997,18 +1077,26 @@ mod tests {
             .unwrap();
         req.append_header("cookie", "__Host-linkgate=s").unwrap();
         req.append_header("cookie", "c=3").unwrap();
+        // Lines that are not UTF-8: kept as they are, unless the session cookie may be in them.
+        let latin1 = HeaderValue::from_bytes(b"d=\xe9t\xe9").unwrap();
+        req.append_header("cookie", latin1.clone()).unwrap();
+        let latin1_session = HeaderValue::from_bytes(b"e=\xe9; __Host-linkgate=s").unwrap();
+        req.append_header("cookie", latin1_session).unwrap();
         let uri: http::Uri = "/p?q=1".parse().unwrap();
         let parts = upstream_header(&req, uri, &t, "__Host-linkgate", 4);
         let mut left: Vec<&str> = parts.headers.keys().map(|k| k.as_str()).collect();
         left.sort();
         assert_eq!(left, vec!["accept", "cookie", "x-linkgatex"]);
-        let cookies: Vec<&str> = parts
+        let cookies: Vec<&[u8]> = parts
             .headers
             .get_all("cookie")
             .iter()
-            .map(|v| v.to_str().unwrap())
+            .map(|v| v.as_bytes())
             .collect();
-        assert_eq!(cookies, vec!["a=1; b=2", "c=3"]);
+        assert_eq!(
+            cookies,
+            vec![&b"a=1; b=2"[..], &b"c=3"[..], latin1.as_bytes()]
+        );
         assert_eq!(parts.uri, "/p?q=1");
         assert_eq!(parts.method, http::Method::GET);
     }

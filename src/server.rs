@@ -20,7 +20,7 @@ use crate::admin::AdminApi;
 use crate::assertion::AssertionSigner;
 use crate::config::{Config, StoreUrl};
 use crate::domains::DomainManager;
-use crate::gateway::{now, Gateway, HostMap, Tenant, TenantMap};
+use crate::gateway::{now, Gateway, HostMap, HostRoute, Tenant, TenantMap};
 use crate::metrics::Metrics;
 use crate::proxy::GatewayProxy;
 use crate::redirect::HttpRedirect;
@@ -63,7 +63,7 @@ fn install_static(
         }
     }
     for d in &config.domains {
-        hosts.insert(d.hostname.clone(), Arc::from(d.tenant.as_str()));
+        hosts.insert(d.hostname.clone(), HostRoute::new(&d.hostname, &d.tenant));
     }
     let active = config
         .domains
