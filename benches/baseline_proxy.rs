@@ -1,6 +1,7 @@
 //! Baseline for `benches/load.sh`: the smallest pingora 0.9 + rustls HTTPS proxy
 //! that does the same transport job as linkgate (TLS termination, HTTP/1.1 + h2 via
-//! ALPN, keep-alive, forwarding to one upstream) but no authentication at all.
+//! ALPN, keep-alive, forwarding to one upstream) but no authentication at all. It runs
+//! pingora as linkgate does: the same worker-thread count, no downstream modules.
 //! linkgate's requests/s through the same setup should stay >= 0.95x of this.
 //!
 //! It is a `harness = false` bench target, so `cargo bench` and
@@ -38,6 +39,10 @@ impl ProxyHttp for Baseline {
     type CTX = ();
 
     fn new_ctx(&self) -> Self::CTX {}
+
+    /// The same framework setting as linkgate: no downstream modules (pingora's default is a
+    /// disabled response-compression module, built and called on every request).
+    fn init_downstream_modules(&self, _modules: &mut pingora::modules::http::HttpModules) {}
 
     async fn upstream_peer(
         &self,

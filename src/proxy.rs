@@ -850,6 +850,11 @@ impl ProxyHttp for GatewayProxy {
         }
     }
 
+    /// No downstream modules: pingora's default adds a response-compression module (disabled)
+    /// whose per-request context is built, called and dropped on every request. linkgate
+    /// forwards the upstream's encoding as it is.
+    fn init_downstream_modules(&self, _modules: &mut pingora::modules::http::HttpModules) {}
+
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         if self.gw.draining.load(std::sync::atomic::Ordering::Relaxed) {
             session.set_keepalive(None);
