@@ -23,6 +23,9 @@
 # INSTR=1 runs the same rounds with each proxy under valgrind's callgrind and reports user-space
 # instructions per request instead: a figure that, unlike req/s on a shared VM, does not move
 # with the neighbours' load (kernel time is not in it). Timings in that mode are meaningless.
+# CACHE=1 (with INSTR=1) adds callgrind's cache simulation and reports first-level instruction
+# and data read misses per request too: on this path they, more than instructions, set the pace
+# (a pingora proxy's hot code does not fit a 32 KB instruction cache).
 #
 # Usage: benches/load.sh
 # Environment (defaults):
@@ -33,6 +36,7 @@
 #   KEEP=0       1: keep the work directory (configs, logs, wrk outputs)
 #   INSTR=0      1: instructions per request under callgrind (then DURATION=10s WARMUP=2s
 #                ROUNDS=1 CONNS=4: each run's few TLS handshakes are counted, and cost alike)
+#   CACHE=0      1 (with INSTR=1): also L1 instruction and data read misses per request
 #   CARGO_TARGET_DIR=/var/tmp/linkgate-target
 # Needs: wrk haproxy nginx openssl curl python3 taskset (apt-installed when missing
 # and running as root).
@@ -42,6 +46,8 @@ cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/tmp/linkgate-target}
 
 INSTR=${INSTR:-0}
+CACHE=${CACHE:-0}
+[[ $CACHE == 1 && $INSTR != 1 ]] && { echo "[load] CACHE=1 needs INSTR=1" >&2; exit 1; }
 if [[ $INSTR == 1 ]]; then
     DURATION=${DURATION:-10s} WARMUP=${WARMUP:-2s} ROUNDS=${ROUNDS:-1} CONNS=${CONNS:-4}
 fi
@@ -130,6 +136,7 @@ start() {
     shift 2
     if [[ $INSTR == 1 && $name != nginx ]]; then
         pre=(valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$WORK/$name.cg")
+        [[ $CACHE == 1 ]] && pre+=(--cache-sim=yes)
     fi
     taskset -c "$cpu" "${pre[@]}" "$@" >"$WORK/$name.log" 2>&1 &
     LAST_PID=$!
@@ -208,7 +215,7 @@ render() { # render TEMPLATE OUT KEY=VALUE...: replaces @KEY@
     fi
 }
 
-declare -A RPS P99 RPCPU REQS NON2XX CPUS INSTRS
+declare -A RPS P99 RPCPU REQS NON2XX CPUS INSTRS I1MISS D1MISS
 ORDER=()
 
 # measure NAME PID URL [wrk args...]: warm-up, then one measured wrk run; appends the
@@ -236,6 +243,12 @@ measure() {
         dump=$(ls -t "${CG_OUT[$pid]}".* 2>/dev/null | head -1)
         ir=$(awk '/^totals:/ { print $2 }' "$dump" 2>/dev/null)
         [[ -n $ir ]] || die "$name: no callgrind totals in '${dump}'"
+        if [[ $CACHE == 1 ]]; then # events: Ir Dr Dw I1mr D1mr D1mw ILmr DLmr DLmw
+            local i1 d1
+            read -r i1 d1 < <(awk '/^events:/ { for (i = 2; i <= NF; i++) col[$i] = i }
+                /^totals:/ { print $(col["I1mr"]), $(col["D1mr"]) }' "$dump")
+            [[ -n $i1 && -n $d1 ]] || die "$name: no cache-miss totals in '${dump}'"
+        fi
     fi
     awk '/Requests\/sec|99%|Non-2xx|Socket errors/' "$out" | sed 's/^ */    /' >&2
 
@@ -261,6 +274,10 @@ measure() {
     if [[ $INSTR == 1 ]]; then
         INSTRS[$name]+="$(awk -v i="$ir" -v n="$reqs" 'BEGIN { printf "%.0f", i / n }') "
         log "    instructions per request: $(awk '{ print $NF }' <<<"${INSTRS[$name]}")"
+        if [[ $CACHE == 1 ]]; then
+            I1MISS[$name]+="$(awk -v i="$i1" -v n="$reqs" 'BEGIN { printf "%.0f", i / n }') "
+            D1MISS[$name]+="$(awk -v i="$d1" -v n="$reqs" 'BEGIN { printf "%.0f", i / n }') "
+        fi
     fi
 }
 
@@ -409,18 +426,35 @@ if [[ $INSTR == 1 ]]; then
     echo
     echo "linkgate instruction counts: callgrind, wrk -t1 -c$CONNS -d$DURATION x $ROUNDS round(s); user space only"
     echo "(each run opens $CONNS TLS connections; their handshakes are in the counts)"
-    printf '%-14s %14s %10s\n' name "instr/request" requests
+    if [[ $CACHE == 1 ]]; then
+        printf '%-14s %14s %10s %12s %12s\n' name "instr/request" requests "I1 miss/req" "D1r miss/req"
+    else
+        printf '%-14s %14s %10s\n' name "instr/request" requests
+    fi
     for n in "${ORDER[@]}"; do
-        printf '%-14s %14.0f %10d\n' "$n" "$(median "${INSTRS[$n]}")" "${REQS[$n]}"
+        printf '%-14s %14.0f %10d' "$n" "$(median "${INSTRS[$n]}")" "${REQS[$n]}"
+        if [[ $CACHE == 1 ]]; then
+            printf ' %12.0f %12.0f' "$(median "${I1MISS[$n]}")" "$(median "${D1MISS[$n]}")"
+        fi
+        echo
     done
     echo
-    irat() { # irat LABEL A B: ratio of the median instruction counts
-        printf '  %-44s %7.3f\n' "$1" "$(awk -v a="$(median "${INSTRS[$2]}")" -v b="$(median "${INSTRS[$3]}")" 'BEGIN { print a / b }')"
+    irat() { # irat LABEL A B [TABLE]: ratio of the median counts in TABLE (default INSTRS)
+        local -n table=${4:-INSTRS}
+        printf '  %-44s %7.3f\n' "$1" "$(awk -v a="$(median "${table[$2]}")" -v b="$(median "${table[$3]}")" 'BEGIN { print a / b }')"
     }
-    echo "instructions per request, ratios (lower is cheaper)"
-    if wants linkgate && wants baseline; then irat "linkgate / baseline pingora" linkgate baseline; fi
-    if wants linkgate && wants haproxy; then irat "linkgate / haproxy jwt_verify" linkgate haproxy; fi
-    if wants linkgate; then irat "linkgate 401 / forwarded" linkgate-401 linkgate; fi
+    tables=(INSTRS)
+    [[ $CACHE == 1 ]] && tables+=(I1MISS D1MISS)
+    for t in "${tables[@]}"; do
+        case $t in
+        INSTRS) echo "instructions per request, ratios (lower is cheaper)" ;;
+        I1MISS) echo "L1 instruction misses per request, ratios" ;;
+        D1MISS) echo "L1 data read misses per request, ratios" ;;
+        esac
+        if wants linkgate && wants baseline; then irat "linkgate / baseline pingora" linkgate baseline "$t"; fi
+        if wants linkgate && wants haproxy; then irat "linkgate / haproxy jwt_verify" linkgate haproxy "$t"; fi
+        if wants linkgate; then irat "linkgate 401 / forwarded" linkgate-401 linkgate "$t"; fi
+    done
     exit 0
 fi
 echo
