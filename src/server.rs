@@ -187,6 +187,40 @@ pub fn reload(gw: &Gateway) -> Result<(), Vec<String>> {
 struct Housekeeping {
     gw: Arc<Gateway>,
     listeners: [SocketAddr; 3],
+    /// Set while a round of upstream health checks runs: rounds never overlap.
+    health_round: Arc<AtomicBool>,
+}
+
+/// Tenants whose upstreams one health-check round checks at once.
+const HEALTH_CHECK_CONCURRENCY: usize = 64;
+
+/// Starts a round of upstream health checks for every tenant, unless the previous round still
+/// runs. It runs beside the housekeeping loop, not in it: an upstream that drops SYNs holds its
+/// check for a second, and revocations from other nodes must still apply within one.
+fn spawn_health_round(
+    tenants: Arc<TenantMap>,
+    running: &Arc<AtomicBool>,
+) -> Option<tokio::task::JoinHandle<()>> {
+    use futures::StreamExt;
+
+    /// Clears the flag when the round ends, however it ends.
+    struct Done(Arc<AtomicBool>);
+    impl Drop for Done {
+        fn drop(&mut self) {
+            self.0.store(false, Ordering::Release);
+        }
+    }
+
+    if running.swap(true, Ordering::AcqRel) {
+        return None;
+    }
+    let done = Done(running.clone());
+    Some(tokio::spawn(async move {
+        let _done = done;
+        futures::stream::iter(tenants.values())
+            .for_each_concurrent(HEALTH_CHECK_CONCURRENCY, |t| t.upstream.check_health())
+            .await;
+    }))
 }
 
 /// True when every listener address is taken (by this process's listeners): probing by
@@ -240,10 +274,7 @@ impl BackgroundService for Housekeeping {
                 Err(e) => tracing::warn!(error = %e, "cannot read revocations"),
             }
             if seconds % 5 == 1 {
-                let tenants = gw.tenants.load_full();
-                for t in tenants.values() {
-                    t.upstream.check_health().await;
-                }
+                spawn_health_round(gw.tenants.load_full(), &self.health_round);
             }
             if seconds % 3600 == 0 {
                 if let Err(e) = gw.store.prune(now()).await {
@@ -317,6 +348,7 @@ pub fn serve(
         Housekeeping {
             gw: gw.clone(),
             listeners: [https, http_addr, admin],
+            health_round: Arc::default(),
         },
     );
 
@@ -399,5 +431,73 @@ impl ShutdownSignalWatch for DrainingShutdown {
                 ShutdownSignal::GracefulTerminate
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{ConfirmMode, KeyAlg, KeyConfig, KeyMaterial, Secret, TenantConfig};
+
+    fn tenant(id: &str, upstream: SocketAddr) -> Arc<Tenant> {
+        Arc::new(
+            Tenant::new(&TenantConfig {
+                id: id.into(),
+                upstream: vec![upstream],
+                upstream_tls: false,
+                public_paths: vec![],
+                login_url: None,
+                confirm: ConfirmMode::OneTime,
+                session_ttl: Duration::from_secs(60),
+                headers: vec![],
+                keys: vec![KeyConfig {
+                    kid: "k".into(),
+                    alg: KeyAlg::HS256,
+                    material: KeyMaterial::Secret(Secret(vec![0; 32])),
+                }],
+                branding: None,
+                webhooks: vec![],
+            })
+            .unwrap(),
+        )
+    }
+
+    #[tokio::test]
+    async fn health_rounds_run_beside_the_loop_and_never_overlap() {
+        // A closed port fails every check at once; a listening one passes (the kernel
+        // completes the handshake without an accept).
+        let closed = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let listening = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let open = listening.local_addr().unwrap();
+        let mut map = TenantMap::default();
+        map.insert("a".into(), tenant("a", closed));
+        map.insert("b".into(), tenant("b", open));
+        let tenants = Arc::new(map);
+        let running = Arc::new(AtomicBool::new(false));
+
+        let first = spawn_health_round(tenants.clone(), &running).expect("a round starts");
+        assert!(
+            spawn_health_round(tenants.clone(), &running).is_none(),
+            "a round does not start while the previous one runs"
+        );
+        first.await.unwrap();
+        assert!(
+            !running.load(Ordering::Acquire),
+            "the flag clears at the end"
+        );
+        assert_eq!(
+            tenants["a"].upstream.is_healthy(closed),
+            Some(true),
+            "one failure is not enough"
+        );
+        spawn_health_round(tenants.clone(), &running)
+            .expect("the next round starts")
+            .await
+            .unwrap();
+        assert_eq!(tenants["a"].upstream.is_healthy(closed), Some(false));
+        assert_eq!(tenants["b"].upstream.is_healthy(open), Some(true));
     }
 }
