@@ -102,6 +102,38 @@ impl Tenant {
         })
     }
 
+    /// For unit tests: tenant `id` forwarding to `upstream`, with one HS256 key (`kid` "k",
+    /// all-zero secret) and the `headers` map given.
+    #[cfg(test)]
+    pub(crate) fn for_test(
+        id: &str,
+        upstream: std::net::SocketAddr,
+        headers: &[(&str, &str)],
+    ) -> Self {
+        use crate::config::{KeyAlg, KeyConfig, KeyMaterial, Secret};
+        Self::new(&TenantConfig {
+            id: id.into(),
+            upstream: vec![upstream],
+            upstream_tls: false,
+            public_paths: vec![],
+            login_url: None,
+            confirm: ConfirmMode::OneTime,
+            session_ttl: Duration::from_secs(60),
+            headers: headers
+                .iter()
+                .map(|(c, h)| (c.to_string(), h.to_string()))
+                .collect(),
+            keys: vec![KeyConfig {
+                kid: "k".into(),
+                alg: KeyAlg::HS256,
+                material: KeyMaterial::Secret(Secret(vec![0; 32])),
+            }],
+            branding: None,
+            webhooks: vec![],
+        })
+        .expect("an HS256 key of 32 bytes")
+    }
+
     /// True when `path` (normalised) is under one of `public_paths`.
     pub fn is_public(&self, path: &str) -> bool {
         self.public_paths

@@ -1045,25 +1045,11 @@ mod tests {
 
     #[test]
     fn identity_headers_and_session_cookie_stripped() {
-        use crate::config::{ConfirmMode, KeyAlg, KeyConfig, KeyMaterial, Secret, TenantConfig};
-        let t = Tenant::new(&TenantConfig {
-            id: "acme".into(),
-            upstream: vec!["127.0.0.1:1".parse().unwrap()],
-            upstream_tls: false,
-            public_paths: vec![],
-            login_url: None,
-            confirm: ConfirmMode::OneTime,
-            session_ttl: std::time::Duration::from_secs(60),
-            headers: vec![("email".into(), "Remote-Email".into())],
-            keys: vec![KeyConfig {
-                kid: "k".into(),
-                alg: KeyAlg::HS256,
-                material: KeyMaterial::Secret(Secret(vec![0; 32])),
-            }],
-            branding: None,
-            webhooks: vec![],
-        })
-        .unwrap();
+        let t = Tenant::for_test(
+            "acme",
+            "127.0.0.1:1".parse().unwrap(),
+            &[("email", "Remote-Email")],
+        );
         let mut req = RequestHeader::build("GET", b"/", None).unwrap();
         for h in [
             "X-Linkgate-Subject",

@@ -437,29 +437,8 @@ impl ShutdownSignalWatch for DrainingShutdown {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{ConfirmMode, KeyAlg, KeyConfig, KeyMaterial, Secret, TenantConfig};
-
     fn tenant(id: &str, upstream: SocketAddr) -> Arc<Tenant> {
-        Arc::new(
-            Tenant::new(&TenantConfig {
-                id: id.into(),
-                upstream: vec![upstream],
-                upstream_tls: false,
-                public_paths: vec![],
-                login_url: None,
-                confirm: ConfirmMode::OneTime,
-                session_ttl: Duration::from_secs(60),
-                headers: vec![],
-                keys: vec![KeyConfig {
-                    kid: "k".into(),
-                    alg: KeyAlg::HS256,
-                    material: KeyMaterial::Secret(Secret(vec![0; 32])),
-                }],
-                branding: None,
-                webhooks: vec![],
-            })
-            .unwrap(),
-        )
+        Arc::new(Tenant::for_test(id, upstream, &[]))
     }
 
     #[tokio::test]
