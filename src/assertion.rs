@@ -13,7 +13,7 @@ use sha2::Digest;
 pub const ASSERTION_TTL: i64 = 300;
 /// An assertion is replaced once less than this many seconds remain.
 const REFRESH_MARGIN: i64 = 60;
-/// Cached assertions kept at most (the cache is cleared when full).
+/// Cached assertions kept at most (the oldest-inserted eighth is dropped when full).
 const MAX_CACHED: usize = 100_000;
 
 /// Why the signing key could not be prepared.
@@ -38,6 +38,8 @@ struct Cached {
     host: Box<str>,
     token: http::HeaderValue,
     exp: i64,
+    /// Insertion number, for dropping the oldest entries.
+    seq: u64,
 }
 
 /// Signs assertions and serves the public key set.
@@ -46,6 +48,8 @@ pub struct AssertionSigner {
     key: EncodingKey,
     jwks: Vec<u8>,
     cache: DashMap<[u8; 16], Cached, crate::gateway::FastHasher>,
+    /// Assertions cached so far.
+    cached: std::sync::atomic::AtomicU64,
 }
 
 impl AssertionSigner {
@@ -62,6 +66,7 @@ impl AssertionSigner {
             key: EncodingKey::from_ed_der(pkcs8),
             jwks,
             cache: DashMap::default(),
+            cached: Default::default(),
         })
     }
 
@@ -106,15 +111,17 @@ impl AssertionSigner {
             .expect("Ed25519 signing of JSON claims cannot fail");
         let token = http::HeaderValue::from_maybe_shared(bytes::Bytes::from(jwt))
             .expect("a compact JWS is a valid header value");
-        if self.cache.len() >= MAX_CACHED {
-            self.cache.clear();
-        }
+        let seq = self
+            .cached
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        crate::gateway::drop_oldest(&self.cache, MAX_CACHED, seq, |c| c.seq);
         self.cache.insert(
             session_id,
             Cached {
                 host: host.into(),
                 token: token.clone(),
                 exp,
+                seq,
             },
         );
         token

@@ -26,6 +26,26 @@ use crate::upstream::UpstreamPool;
 /// them up; foldhash is seeded per process, so colliding keys cannot be prepared in advance.
 /// It costs a fraction of SipHash on these short keys.
 pub type FastHasher = foldhash::fast::RandomState;
+/// Bounds a cache whose entries carry their insertion number: when `map` holds `max` entries
+/// or more, drops those inserted before the last `max - max / 8` (entry `seq` about to be
+/// added). One pass every `max / 8` inserts: a constant cost per insert, and the entries in use
+/// stay, where a wholesale clear would send every one of them back through the slow path at once.
+pub fn drop_oldest<K, V, S>(
+    map: &DashMap<K, V, S>,
+    max: usize,
+    seq: u64,
+    seq_of: impl Fn(&V) -> u64,
+) where
+    K: Eq + std::hash::Hash,
+    S: std::hash::BuildHasher + Clone,
+{
+    if map.len() >= max {
+        let drop = (max / 8).max(1);
+        let oldest_kept = seq.saturating_sub(max.saturating_sub(drop) as u64);
+        map.retain(|_, v| seq_of(v) >= oldest_kept);
+    }
+}
+
 /// Tenant id -> tenant.
 pub type TenantMap = HashMap<String, Arc<Tenant>, FastHasher>;
 /// Served hostname -> its route.

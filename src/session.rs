@@ -3,6 +3,7 @@
 //! `[session].secret`. Only the gateway can produce or read one. Claims too large for a
 //! cookie are kept server-side and the cookie carries their id.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -121,15 +122,20 @@ impl SessionSealer {
 
 /// Sessions already opened, keyed by the cookie's first characters (its random nonce) and
 /// matched on the full cookie value, so a cookie is decrypted once and its later requests cost a map lookup.
-/// Bounded: cleared when `max` entries are reached.
+/// Bounded: at `max` entries the oldest-inserted eighth is dropped. A full cache is never
+/// cleared wholesale, which would send every live session through decryption at once.
 pub struct SessionCache<T> {
     map: DashMap<[u8; 16], Arc<Cached<T>>, crate::gateway::FastHasher>,
     max: usize,
+    /// Entries inserted so far: each entry's `seq` is its place in that count.
+    inserted: AtomicU64,
 }
 
 /// One cache entry: the exact cookie value and what was derived from it.
 pub struct Cached<T> {
     cookie: Box<str>,
+    /// Insertion number, for dropping the oldest entries.
+    seq: u64,
     /// The value derived from the cookie.
     pub value: T,
 }
@@ -140,6 +146,7 @@ impl<T> SessionCache<T> {
         Self {
             map: DashMap::default(),
             max,
+            inserted: AtomicU64::new(0),
         }
     }
 
@@ -152,14 +159,14 @@ impl<T> SessionCache<T> {
 
     /// Remembers `value` for this cookie value.
     pub fn insert(&self, cookie: &str, value: T) -> Arc<Cached<T>> {
+        let seq = self.inserted.fetch_add(1, Ordering::Relaxed);
         let entry = Arc::new(Cached {
             cookie: cookie.into(),
+            seq,
             value,
         });
         if let Some(key) = cache_key(cookie) {
-            if self.map.len() >= self.max {
-                self.map.clear();
-            }
+            crate::gateway::drop_oldest(&self.map, self.max, seq, |e| e.seq);
             self.map.insert(key, entry.clone());
         }
         entry
@@ -310,6 +317,30 @@ mod tests {
         cache.insert(&s.seal(&data()), 2);
         cache.insert(&s.seal(&data()), 3);
         assert!(cache.get(&v).is_none(), "bounded");
+    }
+
+    #[test]
+    fn full_cache_drops_its_oldest_eighth_not_everything() {
+        let s = SessionSealer::new(&[7u8; 32]);
+        let cache = SessionCache::new(16);
+        let cookies: Vec<String> = (0..100).map(|_| s.seal(&data())).collect();
+        for (i, c) in cookies.iter().enumerate() {
+            cache.insert(c, i);
+            let held = cookies[..=i]
+                .iter()
+                .filter(|c| cache.get(c).is_some())
+                .count();
+            assert!(held <= 16, "{held} entries after {} inserts", i + 1);
+            // The newest 14 (16 less the eighth dropped) are always there.
+            for (j, c) in cookies[..=i].iter().enumerate().rev().take(14) {
+                assert_eq!(
+                    cache.get(c).map(|e| e.value),
+                    Some(j),
+                    "entry {j} after {i}"
+                );
+            }
+        }
+        assert!(cache.get(&cookies[0]).is_none());
     }
 
     #[test]
