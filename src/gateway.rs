@@ -26,6 +26,7 @@ use crate::upstream::UpstreamPool;
 /// them up; foldhash is seeded per process, so colliding keys cannot be prepared in advance.
 /// It costs a fraction of SipHash on these short keys.
 pub type FastHasher = foldhash::fast::RandomState;
+
 /// Bounds a cache whose entries carry their insertion number: when `map` holds `max` entries
 /// or more, drops those inserted before the last `max - max / 8` (entry `seq` about to be
 /// added). One pass every `max / 8` inserts: a constant cost per insert, and the entries in use
