@@ -1,8 +1,8 @@
 //! A tenant's upstream servers: round robin over the healthy ones, with TCP health checks.
 //!
 //! Picking a server is on the hot path, so it is one atomic increment and a scan of a
-//! small array of health flags: no lock, no allocation, no hashing. Health checks run from
-//! the housekeeping loop and only flip those flags.
+//! small array of health flags: no lock, no allocation, no hashing. Health checks run in
+//! rounds the housekeeping loop starts beside itself, and only flip those flags.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
