@@ -298,23 +298,17 @@ fn upstream_header(
             continue;
         }
         if name == header::COOKIE {
-            // `from_utf8` checks a long cookie line in chunks, where `to_str` goes byte by byte.
-            match std::str::from_utf8(value.as_bytes()) {
-                Ok(c) => match strip_cookie(c, cookie_name) {
-                    CookieStrip::Absent => {}
-                    CookieStrip::Emptied => continue,
-                    CookieStrip::Rest(rest) => {
-                        headers.append(name.clone(), hv(&rest));
-                        continue;
+            // Bytes, not `to_str`: a field with obs-text elsewhere still loses the session cookie.
+            match strip_cookie(value.as_bytes(), cookie_name) {
+                CookieStrip::Absent => {}
+                CookieStrip::Emptied => continue,
+                // Pieces of a valid field joined by `; `: valid too.
+                CookieStrip::Rest(rest) => {
+                    if let Ok(v) = HeaderValue::from_bytes(&rest) {
+                        headers.append(name.clone(), v);
                     }
-                },
-                // A line that cannot be parsed never carries the session cookie upstream.
-                Err(_)
-                    if memchr::memmem::find(value.as_bytes(), cookie_name.as_bytes()).is_some() =>
-                {
-                    continue
+                    continue;
                 }
-                Err(_) => {}
             }
         }
         headers.append(name.clone(), value.clone());
@@ -552,8 +546,7 @@ impl GatewayProxy {
             .headers
             .get_all(header::COOKIE)
             .iter()
-            .filter_map(|c| std::str::from_utf8(c.as_bytes()).ok())
-            .find_map(|c| find_cookie(c, &gw.cookie_name))
+            .find_map(|c| find_cookie(c.as_bytes(), &gw.cookie_name))
             .ok_or(Refusal::SESSION_REQUIRED)?;
         let open = match gw.session_cache.get(value) {
             Some(c) => c,
@@ -577,11 +570,12 @@ impl GatewayProxy {
     /// Decrypts a cookie and prepares what forwarding needs (claims, identity headers).
     async fn open_session(
         &self,
-        value: &str,
+        value: &[u8],
         tenant: &Tenant,
         now: i64,
     ) -> std::result::Result<OpenSession, Refusal> {
         let gw = &self.gw;
+        let value = std::str::from_utf8(value).map_err(|_| Refusal::SESSION_INVALID)?;
         let (data, id) = gw
             .sealer
             .open(value, now)
@@ -1068,7 +1062,7 @@ mod tests {
             .unwrap();
         req.append_header("cookie", "__Host-linkgate=s").unwrap();
         req.append_header("cookie", "c=3").unwrap();
-        // Lines that are not UTF-8: kept as they are, unless the session cookie may be in them.
+        // Lines that are not UTF-8 (obs-text): kept as they are, less the session cookie.
         let latin1 = HeaderValue::from_bytes(b"d=\xe9t\xe9").unwrap();
         req.append_header("cookie", latin1.clone()).unwrap();
         let latin1_session = HeaderValue::from_bytes(b"e=\xe9; __Host-linkgate=s").unwrap();
@@ -1086,7 +1080,12 @@ mod tests {
             .collect();
         assert_eq!(
             cookies,
-            vec![&b"a=1; b=2"[..], &b"c=3"[..], latin1.as_bytes()]
+            vec![
+                &b"a=1; b=2"[..],
+                &b"c=3"[..],
+                latin1.as_bytes(),
+                &b"e=\xe9"[..]
+            ]
         );
         assert_eq!(parts.uri, "/p?q=1");
         assert_eq!(parts.method, http::Method::GET);

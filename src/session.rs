@@ -133,7 +133,7 @@ pub struct SessionCache<T> {
 
 /// One cache entry: the exact cookie value and what was derived from it.
 pub struct Cached<T> {
-    cookie: Box<str>,
+    cookie: Box<[u8]>,
     /// Insertion number, for dropping the oldest entries.
     seq: u64,
     /// The value derived from the cookie.
@@ -151,14 +151,14 @@ impl<T> SessionCache<T> {
     }
 
     /// The entry for exactly this cookie value.
-    pub fn get(&self, cookie: &str) -> Option<Arc<Cached<T>>> {
+    pub fn get(&self, cookie: &[u8]) -> Option<Arc<Cached<T>>> {
         let key = cache_key(cookie)?;
         let e = self.map.get(&key)?;
         (&*e.cookie == cookie).then(|| e.value().clone())
     }
 
     /// Remembers `value` for this cookie value.
-    pub fn insert(&self, cookie: &str, value: T) -> Arc<Cached<T>> {
+    pub fn insert(&self, cookie: &[u8], value: T) -> Arc<Cached<T>> {
         let seq = self.inserted.fetch_add(1, Ordering::Relaxed);
         let entry = Arc::new(Cached {
             cookie: cookie.into(),
@@ -180,17 +180,18 @@ impl<T> SessionCache<T> {
 
 /// The cache key of a cookie value: its first 16 characters, which encode 12 bytes of its
 /// random nonce. Only a hint: an entry is used only when the whole value matches.
-fn cache_key(value: &str) -> Option<[u8; 16]> {
-    value.as_bytes().get(..16)?.try_into().ok()
+fn cache_key(value: &[u8]) -> Option<[u8; 16]> {
+    value.get(..16)?.try_into().ok()
 }
 
 /// The `;`-separated pairs of a `Cookie` header, untrimmed. Found with SIMD `memchr`: the
-/// session cookie alone is a few hundred bytes, scanned on every request.
-fn cookie_pairs(header: &str) -> impl Iterator<Item = &str> {
+/// session cookie alone is a few hundred bytes, scanned on every request. Bytes, not `str`:
+/// a field may carry obs-text, and the cookie's name and value are ASCII either way.
+fn cookie_pairs(header: &[u8]) -> impl Iterator<Item = &[u8]> {
     let mut rest = Some(header);
     std::iter::from_fn(move || {
         let h = rest?;
-        match memchr::memchr(b';', h.as_bytes()) {
+        match memchr::memchr(b';', h) {
             Some(i) => {
                 rest = Some(&h[i + 1..]);
                 Some(&h[..i])
@@ -204,59 +205,60 @@ fn cookie_pairs(header: &str) -> impl Iterator<Item = &str> {
 }
 
 /// The value of a trimmed cookie pair `name=value` (`None` for any other pair).
-fn pair_value<'a>(pair: &'a str, name: &str) -> Option<&'a str> {
-    pair.strip_prefix(name)?.strip_prefix('=')
+fn pair_value<'a>(pair: &'a [u8], name: &str) -> Option<&'a [u8]> {
+    pair.strip_prefix(name.as_bytes())?.strip_prefix(b"=")
 }
 
 /// Whether a trimmed cookie pair is cookie `name`, with a value or without `=`.
-fn is_named(pair: &str, name: &str) -> bool {
-    pair == name || pair_value(pair, name).is_some()
+fn is_named(pair: &[u8], name: &str) -> bool {
+    pair == name.as_bytes() || pair_value(pair, name).is_some()
 }
 
-/// The value of cookie `name` in a `Cookie` header, if present.
-pub fn find_cookie<'a>(header: &'a str, name: &str) -> Option<&'a str> {
+/// The value of cookie `name` in a `Cookie` header field, if present.
+pub fn find_cookie<'a>(header: &'a [u8], name: &str) -> Option<&'a [u8]> {
     if let Some(v) = alone(header, name) {
-        return Some(v.trim());
+        return Some(v.trim_ascii());
     }
-    cookie_pairs(header).find_map(|pair| pair_value(pair.trim(), name).map(str::trim))
+    cookie_pairs(header)
+        .find_map(|pair| pair_value(pair.trim_ascii(), name).map(<[u8]>::trim_ascii))
 }
 
 /// The value of cookie `name` when `header` is that cookie alone, unpadded: the line every
 /// request of a session sends unless the site sets cookies of its own. One SIMD scan decides.
-fn alone<'a>(header: &'a str, name: &str) -> Option<&'a str> {
-    pair_value(header, name).filter(|v| memchr::memchr(b';', v.as_bytes()).is_none())
+fn alone<'a>(header: &'a [u8], name: &str) -> Option<&'a [u8]> {
+    pair_value(header, name).filter(|v| memchr::memchr(b';', v).is_none())
 }
 
-/// A `Cookie` header after taking one cookie out of it.
+/// A `Cookie` header field after taking one cookie out of it.
 #[derive(Debug, PartialEq, Eq)]
 pub enum CookieStrip {
-    /// The cookie is not in the header: forward it unchanged.
+    /// The cookie is not in the field: forward it unchanged.
     Absent,
-    /// The cookie was the only one: drop the header.
+    /// The cookie was the only one: drop the field.
     Emptied,
     /// The other cookies, as sent, joined by `; `.
-    Rest(String),
+    Rest(Vec<u8>),
 }
 
 /// `header` without cookie `name`. Allocates only when other cookies remain.
-pub fn strip_cookie(header: &str, name: &str) -> CookieStrip {
+pub fn strip_cookie(header: &[u8], name: &str) -> CookieStrip {
     if alone(header, name).is_some() {
         return CookieStrip::Emptied;
     }
-    if !cookie_pairs(header).any(|p| is_named(p.trim(), name)) {
+    if !cookie_pairs(header).any(|p| is_named(p.trim_ascii(), name)) {
         return CookieStrip::Absent;
     }
-    let mut rest = String::new();
-    for pair in cookie_pairs(header).map(str::trim) {
+    let mut rest = Vec::new();
+    for pair in cookie_pairs(header).map(<[u8]>::trim_ascii) {
         if pair.is_empty() || is_named(pair, name) {
             continue;
         }
         if rest.is_empty() {
             rest.reserve(header.len());
         } else {
-            rest.push_str("; ");
+            rest.extend_from_slice(b"; ");
         }
-        rest.push_str(pair);
+        rest.extend_from_slice(pair);
     }
     if rest.is_empty() {
         CookieStrip::Emptied
@@ -309,21 +311,24 @@ mod tests {
         let s = SessionSealer::new(&[7u8; 32]);
         let v = s.seal(&data());
         let cache = SessionCache::new(2);
-        cache.insert(&v, 1u32);
-        assert_eq!(cache.get(&v).unwrap().value, 1);
+        cache.insert(v.as_bytes(), 1u32);
+        assert_eq!(cache.get(v.as_bytes()).unwrap().value, 1);
         let mut forged = v[..30].to_string();
         forged.push_str(&"A".repeat(v.len() - 30));
-        assert!(cache.get(&forged).is_none(), "same nonce, other bytes");
-        cache.insert(&s.seal(&data()), 2);
-        cache.insert(&s.seal(&data()), 3);
-        assert!(cache.get(&v).is_none(), "bounded");
+        assert!(
+            cache.get(forged.as_bytes()).is_none(),
+            "same nonce, other bytes"
+        );
+        cache.insert(s.seal(&data()).as_bytes(), 2);
+        cache.insert(s.seal(&data()).as_bytes(), 3);
+        assert!(cache.get(v.as_bytes()).is_none(), "bounded");
     }
 
     #[test]
     fn full_cache_drops_its_oldest_eighth_not_everything() {
         let s = SessionSealer::new(&[7u8; 32]);
         let cache = SessionCache::new(16);
-        let cookies: Vec<String> = (0..100).map(|_| s.seal(&data())).collect();
+        let cookies: Vec<Vec<u8>> = (0..100).map(|_| s.seal(&data()).into_bytes()).collect();
         for (i, c) in cookies.iter().enumerate() {
             cache.insert(c, i);
             let held = cookies[..=i]
@@ -345,6 +350,12 @@ mod tests {
 
     #[test]
     fn cookie_header_helpers() {
+        let (find_cookie_bytes, strip_cookie_bytes) = (super::find_cookie, super::strip_cookie);
+        let find_cookie = |h: &'static str, n: &str| {
+            find_cookie_bytes(h.as_bytes(), n).map(|v| std::str::from_utf8(v).unwrap())
+        };
+        let strip_cookie = |h: &str, n: &str| strip_cookie_bytes(h.as_bytes(), n);
+        let rest = |r: &str| CookieStrip::Rest(r.as_bytes().to_vec());
         let h = "a=1; __Host-linkgate=xyz; b=2";
         assert_eq!(find_cookie(h, "__Host-linkgate"), Some("xyz"));
         assert_eq!(find_cookie(h, "c"), None);
@@ -354,7 +365,7 @@ mod tests {
         );
         assert_eq!(find_cookie("__Host-linkgate-2=1", "__Host-linkgate"), None);
         let name = "__Host-linkgate";
-        assert_eq!(strip_cookie(h, name), CookieStrip::Rest("a=1; b=2".into()));
+        assert_eq!(strip_cookie(h, name), rest("a=1; b=2"));
         assert_eq!(
             strip_cookie(" __Host-linkgate=x ", name),
             CookieStrip::Emptied
@@ -372,12 +383,9 @@ mod tests {
         );
         assert_eq!(
             strip_cookie("__Host-linkgate=1; __Host-linkgate=2; c=3", name),
-            CookieStrip::Rest("c=3".into())
+            rest("c=3")
         );
-        assert_eq!(
-            strip_cookie("__Host-linkgate; c=3", name),
-            CookieStrip::Rest("c=3".into())
-        );
+        assert_eq!(strip_cookie("__Host-linkgate; c=3", name), rest("c=3"));
         assert_eq!(find_cookie("", name), None);
         assert_eq!(find_cookie("__Host-linkgate", name), None, "no value");
         assert_eq!(strip_cookie(";;", name), CookieStrip::Absent);
@@ -391,9 +399,14 @@ mod tests {
             CookieStrip::Emptied
         );
         assert_eq!(strip_cookie("__Host-linkgate=", name), CookieStrip::Emptied);
+        assert_eq!(strip_cookie("__Host-linkgate=xyz;a=1", name), rest("a=1"));
+        // Bytes that are not UTF-8 (obs-text) around the session cookie: it is still found and
+        // taken out, and the rest goes on as sent.
+        let latin1 = b"a=caf\xe9; __Host-linkgate=xyz; b=\xff";
+        assert_eq!(find_cookie_bytes(latin1, name), Some(&b"xyz"[..]));
         assert_eq!(
-            strip_cookie("__Host-linkgate=xyz;a=1", name),
-            CookieStrip::Rest("a=1".into())
+            strip_cookie_bytes(latin1, name),
+            CookieStrip::Rest(b"a=caf\xe9; b=\xff".to_vec())
         );
     }
 }
