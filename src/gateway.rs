@@ -181,7 +181,8 @@ pub struct Gateway {
     /// ACME HTTP-01 token -> key authorization.
     pub acme_challenges: DashMap<String, String>,
     /// Server-side claims of sessions whose claims do not fit a cookie.
-    pub claims_cache: DashMap<String, Arc<Map<String, Value>>>,
+    /// Keyed by the random id the cookie carries; bounded like the session cache.
+    pub claims_cache: crate::session::SessionCache<Arc<Map<String, Value>>>,
     /// Session cookies already opened.
     pub session_cache: crate::session::SessionCache<crate::proxy::OpenSession>,
     /// Requests being handled by the proxy (for draining on SIGTERM).

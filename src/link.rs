@@ -316,12 +316,22 @@ pub fn validate(
     {
         return Err(LinkError::Malformed);
     }
+    // The usual header decodes on the stack; a longer one (`x5c`, `jwk`) on the heap.
     let mut header_buf = [0u8; 512];
-    let n = URL_SAFE_NO_PAD
-        .decode_slice(h64, &mut header_buf)
-        .map_err(|_| LinkError::Malformed)?;
+    let header_vec;
+    let header_bytes = if h64.len() / 4 * 3 + 3 <= header_buf.len() {
+        let n = URL_SAFE_NO_PAD
+            .decode_slice(h64, &mut header_buf)
+            .map_err(|_| LinkError::Malformed)?;
+        &header_buf[..n]
+    } else {
+        header_vec = URL_SAFE_NO_PAD
+            .decode(h64)
+            .map_err(|_| LinkError::Malformed)?;
+        &header_vec[..]
+    };
     // One UTF-8 check up front lets serde_json read strings without re-validating them.
-    let header_text = std::str::from_utf8(&header_buf[..n]).map_err(|_| LinkError::Malformed)?;
+    let header_text = std::str::from_utf8(header_bytes).map_err(|_| LinkError::Malformed)?;
     let header: Header<'_> = serde_json::from_str(header_text).map_err(|_| LinkError::Malformed)?;
     if header.crit.is_some() {
         return Err(LinkError::Malformed);
@@ -370,7 +380,8 @@ pub fn validate(
     }
 
     // 4. Time.
-    if ctx.now > exp.saturating_add(LEEWAY_SECS) {
+    // Valid while `now < exp` (RFC 7519), give or take the leeway.
+    if ctx.now >= exp.saturating_add(LEEWAY_SECS) {
         return Err(LinkError::Expired);
     }
     let future = |t: Option<i64>| t.is_some_and(|t| t > ctx.now.saturating_add(LEEWAY_SECS));
@@ -540,6 +551,7 @@ mod tests {
             (json!({"sub":"u","exp":NOW+60,"one_time":true}), Malformed),
             (json!({"exp":NOW+60}), Malformed),
             (json!({"sub":"u","exp":NOW-31}), Expired),
+            (json!({"sub":"u","exp":NOW-30}), Expired),
             (json!({"sub":"u","exp":NOW+60,"nbf":NOW+31}), NotYetValid),
             (json!({"sub":"u","exp":NOW+60,"iat":NOW+31}), NotYetValid),
             (
@@ -586,6 +598,27 @@ mod tests {
             check(json!({"sub":"u","exp":NOW-29})).is_ok(),
             "leeway 30 s"
         );
+    }
+
+    #[test]
+    fn long_header_is_read() {
+        let mut h = JwtHeader::new(Algorithm::HS256);
+        h.kid = Some("k1".into());
+        h.x5u = Some(format!("https://keys.example/{}", "x".repeat(900)));
+        let claims = json!({"sub":"u","exp":NOW+60});
+        let t = encode(&h, &claims, &EncodingKey::from_secret(SECRET)).unwrap();
+        assert!(t.split('.').next().unwrap().len() > 1000);
+        let l = validate(&t, &keys(), &ctx(), &Revocations::default()).unwrap();
+        assert_eq!(l.subject, "u");
+        // Near the stack buffer's edge, on both sides.
+        for n in 440..470 {
+            h.x5u = Some("x".repeat(n));
+            let t = encode(&h, &claims, &EncodingKey::from_secret(SECRET)).unwrap();
+            assert!(
+                validate(&t, &keys(), &ctx(), &Revocations::default()).is_ok(),
+                "{n}"
+            );
+        }
     }
 
     #[test]

@@ -38,8 +38,9 @@ pub fn normalize(raw: &str) -> Result<Cow<'_, str>, BadPath> {
         return Ok(Cow::Borrowed(raw));
     }
     // 1. Decode percent-encoded unreserved characters; keep the rest encoded (upper-case hex).
+    // Built as bytes: a raw UTF-8 character passes through whole, and decoding adds only ASCII.
     let bytes = raw.as_bytes();
-    let mut decoded = String::with_capacity(raw.len());
+    let mut decoded = Vec::with_capacity(raw.len());
     let mut i = 0;
     while i < bytes.len() {
         let b = bytes[i];
@@ -52,21 +53,22 @@ pub fn normalize(raw: &str) -> Result<Cow<'_, str>, BadPath> {
             };
             let v = h * 16 + l;
             if is_unreserved(v) {
-                decoded.push(v as char);
+                decoded.push(v);
             } else {
-                decoded.push('%');
-                decoded.push(bytes[i + 1].to_ascii_uppercase() as char);
-                decoded.push(bytes[i + 2].to_ascii_uppercase() as char);
+                decoded.push(b'%');
+                decoded.push(bytes[i + 1].to_ascii_uppercase());
+                decoded.push(bytes[i + 2].to_ascii_uppercase());
             }
             i += 3;
         } else {
             if is_forbidden(b) {
                 return Err(BadPath);
             }
-            decoded.push(b as char);
+            decoded.push(b);
             i += 1;
         }
     }
+    let decoded = String::from_utf8(decoded).map_err(|_| BadPath)?;
     if !decoded.contains("/.") {
         return Ok(Cow::Owned(decoded));
     }
@@ -130,6 +132,10 @@ mod tests {
             ("/a%2fb", "/a%2Fb"),
             ("/a/%2E/b", "/a/b"),
             ("/..a/b", "/..a/b"),
+            // Raw UTF-8 passes whole, on the fast path and the decoding one alike.
+            ("/café/x", "/café/x"),
+            ("/café/%7E", "/café/~"),
+            ("/ü/./ß", "/ü/ß"),
         ];
         for (raw, want) in cases {
             assert_eq!(normalize(raw).unwrap(), want, "{raw}");

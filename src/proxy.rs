@@ -362,7 +362,9 @@ fn find_token(path: &str, query: Option<&str>) -> Option<(String, bool)> {
         }
     }
     let q = query?;
-    if !q.contains("magic_link") {
+    // A shortcut for the usual query; a `%` may spell the name (`magic%5Flink`), which the
+    // parse below, like the upstream's, reads as `magic_link`.
+    if !q.contains("magic_link") && !q.contains('%') {
         return None;
     }
     form_urlencoded::parse(q.as_bytes())
@@ -382,6 +384,17 @@ fn query_without_token(query: Option<&str>) -> Option<String> {
         })
         .collect();
     (!kept.is_empty()).then(|| kept.join("&"))
+}
+
+/// `path` as a `Location` that stays on this site: leading `/` and `\` collapsed into one
+/// `/`, since browsers read `//host/...` (and `/\host/...`) as another site.
+fn same_site_path(path: &str) -> Cow<'_, str> {
+    let rest = path.trim_start_matches(['/', '\\']);
+    if rest.len() + 1 == path.len() {
+        Cow::Borrowed(path)
+    } else {
+        Cow::Owned(format!("/{rest}"))
+    }
 }
 
 fn claim_header_value(v: &Value) -> Option<HeaderValue> {
@@ -585,7 +598,7 @@ impl GatewayProxy {
         }
         let claims = match (&data.claims, &data.claims_ref) {
             (Some(c), _) => Arc::new(c.clone()),
-            (None, Some(r)) => match gw.claims_cache.get(r).map(|c| c.value().clone()) {
+            (None, Some(r)) => match gw.claims_cache.get(r.as_bytes()).map(|c| c.value.clone()) {
                 Some(c) => c,
                 None => {
                     let json = gw
@@ -598,7 +611,7 @@ impl GatewayProxy {
                     let c: Map<String, Value> =
                         serde_json::from_str(&json).map_err(|_| Refusal::SESSION_INVALID)?;
                     let c = Arc::new(c);
-                    gw.claims_cache.insert(r.clone(), c.clone());
+                    gw.claims_cache.insert(r.as_bytes(), c.clone());
                     c
                 }
             },
@@ -663,13 +676,15 @@ impl GatewayProxy {
                 return refuse(session, Some(tenant), Refusal::link(e), ctx).await;
             }
         };
-        // 10. One-time links: GET/HEAD look, only a redeeming request consumes.
-        let needs_confirm = is_get
-            && match tenant.confirm {
-                ConfirmMode::Always => true,
-                ConfirmMode::OneTime => link.one_time,
-                ConfirmMode::Never => false,
-            };
+        // 10. One-time links: GET/HEAD look, only a redeeming request consumes. HEAD never
+        // redeems, whatever the tenant's `confirm`: scanners send it, and it has no page to show.
+        let needs_confirm = method == http::Method::HEAD
+            || is_get
+                && match tenant.confirm {
+                    ConfirmMode::Always => true,
+                    ConfirmMode::OneTime => link.one_time,
+                    ConfirmMode::Never => false,
+                };
         let events = if needs_confirm {
             Vec::new()
         } else {
@@ -683,10 +698,19 @@ impl GatewayProxy {
             });
             crate::webhooks::events_for(&gw.config.load(), &tenant.id, "link.redeemed", data)
         };
+        // The session first: when its claims cannot be stored, the link is not used up.
+        let cookie = if needs_confirm {
+            None
+        } else {
+            Some(self.create_session(tenant, &link).await?)
+        };
         if link.one_time {
             let jti = link.jti.as_deref().unwrap_or_default();
             let fresh = if needs_confirm {
-                gw.store.is_redeemed(jti).await.map(|used| !used)
+                gw.store
+                    .is_redeemed(jti, &tenant.id)
+                    .await
+                    .map(|used| !used)
             } else {
                 gw.store
                     .redeem_once(jti, &tenant.id, link.exp, &events)
@@ -709,7 +733,8 @@ impl GatewayProxy {
             }
         }
         gw.metrics.link_validation(0);
-        if needs_confirm {
+        // No session made: the request only looks (confirm page).
+        let Some(cookie) = cookie else {
             ctx.outcome = Some(Outcome::ConfirmPage);
             let branding = tenant.branding.as_ref();
             let with_img = branding.is_some_and(|b| b.logo_url.is_some());
@@ -734,20 +759,22 @@ impl GatewayProxy {
             ];
             send(session, 200, &headers, pages::confirm_page(branding)).await?;
             return Ok(true);
-        }
+        };
         if !link.one_time && !events.is_empty() {
             if let Err(e) = gw.store.enqueue_webhooks(&events).await {
                 tracing::error!(error = %e, "cannot queue link.redeemed webhooks");
             }
         }
-        let cookie = self.create_session(tenant, &link).await?;
         let location = match &link.redirect {
             Some(r) => r.clone(),
             None if path_form => "/".to_string(),
-            None => match query_without_token(query) {
-                Some(q) => format!("{path}?{q}"),
-                None => path.to_string(),
-            },
+            None => {
+                let path = same_site_path(path);
+                match query_without_token(query) {
+                    Some(q) => format!("{path}?{q}"),
+                    None => path.to_string(),
+                }
+            }
         };
         let ttl = tenant.session_ttl.as_secs();
         let set_cookie = format!(
@@ -805,7 +832,7 @@ impl GatewayProxy {
                 tracing::error!(error = %e, "cannot store session claims");
                 Error::explain(ErrorType::InternalError, "store unavailable")
             })?;
-        gw.claims_cache.insert(id.clone(), Arc::new(claims));
+        gw.claims_cache.insert(id.as_bytes(), Arc::new(claims));
         data.claims_ref = Some(id);
         Ok(gw.sealer.seal(&data))
     }
@@ -963,6 +990,33 @@ mod tests {
         );
         assert_eq!(find_token("/login/", None), None);
         assert_eq!(find_token("/x", Some("a=1")), None);
+        // The name spelled with percent-escapes is still the name (the upstream would decode it).
+        for (q, rest) in [
+            ("magic%5Flink=tok", None),
+            ("m%61gic_link=tok", None),
+            ("a=%20&magic%5flink=tok", Some("a=%20")),
+        ] {
+            assert_eq!(
+                find_token("/x", Some(q)),
+                Some(("tok".into(), false)),
+                "{q}"
+            );
+            assert_eq!(query_without_token(Some(q)).as_deref(), rest, "{q}");
+        }
+        assert_eq!(find_token("/x", Some("magic%5Flinks=tok")), None);
+    }
+
+    #[test]
+    fn redirect_after_redemption_stays_on_the_site() {
+        assert_eq!(same_site_path("/app/x"), "/app/x");
+        assert_eq!(same_site_path("/"), "/");
+        assert_eq!(same_site_path("//evil.example/"), "/evil.example/");
+        assert_eq!(same_site_path("///evil.example"), "/evil.example");
+        assert_eq!(same_site_path("/\\evil.example"), "/evil.example");
+        assert_eq!(
+            same_site_path("/\\/\\evil.example/a//b"),
+            "/evil.example/a//b"
+        );
     }
 
     #[test]

@@ -109,7 +109,7 @@ pub async fn build_gateway(config: Config, metrics: Arc<Metrics>) -> anyhow::Res
         signer,
         metrics,
         acme_challenges: DashMap::new(),
-        claims_cache: DashMap::new(),
+        claims_cache: crate::session::SessionCache::new(100_000),
         session_cache: crate::session::SessionCache::new(100_000),
         in_flight: Arc::new(AtomicUsize::new(0)),
         draining: AtomicBool::new(false),

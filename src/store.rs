@@ -122,7 +122,8 @@ fn enqueue(
 /// The operations the gateway needs from durable storage.
 #[async_trait]
 pub trait Store: Send + Sync {
-    /// Marks `jti` redeemed; true only for the first caller on any node. `events` are queued
+    /// Marks `tenant`'s `jti` redeemed; true only for the first caller on any node (`jti`s are
+    /// the tenant's own: another tenant's equal `jti` is another link). `events` are queued
     /// in the same transaction, only when this call redeems.
     async fn redeem_once(
         &self,
@@ -144,8 +145,8 @@ pub trait Store: Send + Sync {
         next_attempt_at: i64,
         error: &str,
     ) -> Result<(), StoreError>;
-    /// True when `jti` was redeemed before.
-    async fn is_redeemed(&self, jti: &str) -> Result<bool, StoreError>;
+    /// True when `tenant`'s `jti` was redeemed before.
+    async fn is_redeemed(&self, jti: &str, tenant: &str) -> Result<bool, StoreError>;
     /// Records a revocation; returns its sequence number.
     async fn add_revocation(&self, r: &Revocation, now: i64) -> Result<i64, StoreError>;
     /// Revocations with a sequence number above `after`, oldest first.
@@ -218,10 +219,11 @@ pub struct SqliteStore {
 }
 
 const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS redeemed_links (
-    jti TEXT PRIMARY KEY,
+CREATE TABLE IF NOT EXISTS redeemed_jtis (
     tenant TEXT NOT NULL,
-    expires_at INTEGER NOT NULL
+    jti TEXT NOT NULL,
+    expires_at INTEGER NOT NULL,
+    PRIMARY KEY (tenant, jti)
 );
 CREATE TABLE IF NOT EXISTS revocations (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -281,6 +283,17 @@ CREATE TABLE IF NOT EXISTS signing_keys (
 );
 ";
 
+/// Brings a database written by an earlier version up to `SCHEMA`; each step is a no-op once
+/// done. `redeemed_links` keyed one-time `jti`s without their tenant, so one tenant's link
+/// could use up another's with the same `jti`: its rows move to `redeemed_jtis`.
+const MIGRATIONS: &str = "
+BEGIN;
+CREATE TABLE IF NOT EXISTS redeemed_links (jti TEXT PRIMARY KEY, tenant TEXT NOT NULL, expires_at INTEGER NOT NULL);
+INSERT OR IGNORE INTO redeemed_jtis (tenant, jti, expires_at) SELECT tenant, jti, expires_at FROM redeemed_links;
+DROP TABLE redeemed_links;
+COMMIT;
+";
+
 impl SqliteStore {
     /// Opens (creating when absent, mode 0600) the database at `path`.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
@@ -301,6 +314,7 @@ impl SqliteStore {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.execute_batch(SCHEMA)?;
+        conn.execute_batch(MIGRATIONS)?;
         Ok(Self {
             conn: Arc::new(Mutex::new(conn)),
         })
@@ -335,7 +349,7 @@ impl Store for SqliteStore {
         self.with(move |c| {
             let tx = c.transaction()?;
             let n = tx.execute(
-                "INSERT OR IGNORE INTO redeemed_links (jti, tenant, expires_at) VALUES (?1, ?2, ?3)",
+                "INSERT OR IGNORE INTO redeemed_jtis (jti, tenant, expires_at) VALUES (?1, ?2, ?3)",
                 params![jti, tenant, expires_at],
             )?;
             if n == 1 {
@@ -411,12 +425,12 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn is_redeemed(&self, jti: &str) -> Result<bool, StoreError> {
-        let jti = jti.to_string();
+    async fn is_redeemed(&self, jti: &str, tenant: &str) -> Result<bool, StoreError> {
+        let (jti, tenant) = (jti.to_string(), tenant.to_string());
         self.with(move |c| {
             Ok(c.query_row(
-                "SELECT 1 FROM redeemed_links WHERE jti = ?1",
-                params![jti],
+                "SELECT 1 FROM redeemed_jtis WHERE tenant = ?1 AND jti = ?2",
+                params![tenant, jti],
                 |_| Ok(()),
             )
             .optional()?
@@ -514,7 +528,7 @@ impl Store for SqliteStore {
         self.with(move |c| {
             // One-time links stay recorded well past their expiry (clock skew, leeway).
             c.execute(
-                "DELETE FROM redeemed_links WHERE expires_at < ?1",
+                "DELETE FROM redeemed_jtis WHERE expires_at < ?1",
                 params![now - 86_400],
             )?;
             c.execute(
@@ -691,6 +705,27 @@ mod tests {
     use super::*;
 
     #[tokio::test]
+    async fn redeemed_links_of_an_earlier_version_are_kept_per_tenant() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.db");
+        {
+            let c = Connection::open(&path).unwrap();
+            c.execute_batch(
+                "CREATE TABLE redeemed_links (jti TEXT PRIMARY KEY, tenant TEXT NOT NULL, \
+                 expires_at INTEGER NOT NULL);
+                 INSERT INTO redeemed_links VALUES ('j1', 'acme', 100);",
+            )
+            .unwrap();
+        }
+        for _ in 0..2 {
+            let s = SqliteStore::open(&path).unwrap();
+            assert!(s.is_redeemed("j1", "acme").await.unwrap());
+            assert!(!s.is_redeemed("j1", "other").await.unwrap());
+            assert!(!s.redeem_once("j1", "acme", 100, &[]).await.unwrap());
+        }
+    }
+
+    #[tokio::test]
     async fn redeem_is_once_and_survives_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s/linkgate.db");
@@ -716,7 +751,10 @@ mod tests {
             assert_eq!(due[0].msg, ev);
             s.retry_delivery(due[0].id, i64::MAX, "down").await.unwrap();
             assert!(s.due_deliveries(i64::MAX - 1, 10).await.unwrap().is_empty());
-            assert!(s.is_redeemed("j1").await.unwrap());
+            assert!(s.is_redeemed("j1", "acme").await.unwrap());
+            // The same jti is another tenant's own link.
+            assert!(!s.is_redeemed("j1", "other").await.unwrap());
+            assert!(s.redeem_once("j1", "other", 100, &[]).await.unwrap());
             let id = s
                 .add_revocation(&Revocation::Jti { jti: "x".into() }, 5)
                 .await

@@ -186,6 +186,17 @@ async fn confirm_never_redeems_one_time_on_get() {
     .await;
     let tok = gw.token("acme", &one_time_claims("alice"));
     let path = format!("/login/{tok}");
+    // HEAD (a link scanner) looks without consuming, even here.
+    for _ in 0..2 {
+        let r = gw
+            .client()
+            .head(gw.url("acme", &path))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert!(session_cookie(&r).is_none());
+    }
     let r = gw.client().get(gw.url("acme", &path)).send().await.unwrap();
     assert_eq!(r.status(), 303);
     assert!(session_cookie(&r).is_some());
@@ -237,4 +248,29 @@ color = "#5b21b6""##,
         !body.contains("<b>Portal</b>"),
         "branding title not HTML-escaped: {body}"
     );
+}
+
+#[tokio::test]
+async fn one_time_jti_is_per_tenant() {
+    // Tenants choose their own `jti`s: acme using up its "order-1" leaves globex's alone.
+    let gw = Gateway::start(GatewayCfg::with_tenants(vec![
+        TenantCfg::new("acme"),
+        TenantCfg::new("globex"),
+    ]))
+    .await;
+    let mut c = one_time_claims("alice");
+    c["jti"] = json!("order-1");
+    let acme = format!("/login/{}", gw.token("acme", &c));
+    let globex = format!("/login/{}", gw.token("globex", &c));
+    assert_eq!(post_empty(&gw, "acme", &acme).await.status(), 303);
+    expect_error(post_empty(&gw, "acme", &acme).await, 410, "link_used").await;
+    let r = gw
+        .client()
+        .get(gw.url("globex", &globex))
+        .send()
+        .await
+        .unwrap();
+    assert_confirm_page(r, &globex, &[]).await;
+    assert_eq!(post_empty(&gw, "globex", &globex).await.status(), 303);
+    expect_error(post_empty(&gw, "globex", &globex).await, 410, "link_used").await;
 }

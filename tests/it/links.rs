@@ -79,6 +79,21 @@ async fn query_form_redeems_to_clean_url() {
     let r = get(&gw, "acme", &format!("/docs?magic_link={tok}")).await;
     assert_eq!(r.status(), 303);
     assert_location(&r, &gw, "links.acme.test", "/docs");
+
+    // The parameter's name spelled with an escape is still the link (never forwarded).
+    let tok = gw.token("acme", &claims("alice"));
+    let r = get(&gw, "acme", &format!("/docs?magic%5Flink={tok}&c=3")).await;
+    assert_eq!(r.status(), 303);
+    assert_location(&r, &gw, "links.acme.test", "/docs?c=3");
+
+    // A path that a browser would read as another site (`//host/...`) is not an open
+    // redirect: the answer stays on this host.
+    for evil in ["//evil.example/x", "///evil.example/x"] {
+        let tok = gw.token("acme", &claims("alice"));
+        let r = get(&gw, "acme", &format!("{evil}?magic_link={tok}")).await;
+        assert_eq!(r.status(), 303, "{evil}");
+        assert_location(&r, &gw, "links.acme.test", "/evil.example/x");
+    }
     assert!(
         gw.upstream("acme").requests().is_empty(),
         "link requests must not be forwarded"
