@@ -113,7 +113,14 @@ fn leaf_facts(leaf: &CertificateDer<'_>) -> Result<(i64, i64, String, Vec<String
 /// kept as PEM until its first handshake, so start-up with many domains parses nothing.
 enum Slot {
     Ready(Arc<LoadedCert>),
-    Deferred { chain: Box<str>, key: Box<str> },
+    /// Behind an `Arc` so that a parse can tell whether the slot was replaced meanwhile.
+    Deferred(Arc<DeferredPem>),
+}
+
+/// A stored chain and key not parsed yet.
+struct DeferredPem {
+    chain: Box<str>,
+    key: Box<str>,
 }
 
 /// Certificates served by SNI. Readers take an `Arc` clone per handshake; writers replace
@@ -138,10 +145,10 @@ impl CertStore {
     pub fn insert_deferred(&self, hostname: &str, chain_pem: &str, key_pem: &str) {
         self.by_host.insert(
             hostname.to_string(),
-            Slot::Deferred {
+            Slot::Deferred(Arc::new(DeferredPem {
                 chain: chain_pem.into(),
                 key: key_pem.into(),
-            },
+            })),
         );
     }
 
@@ -150,28 +157,51 @@ impl CertStore {
         self.by_host.remove(hostname);
     }
 
-    /// The certificate for `hostname` (lower-case), if any; parses a deferred one.
+    /// The certificate for `hostname` (lower-case), if any; parses a deferred one (outside
+    /// the map's lock).
     pub fn get(&self, hostname: &str) -> Option<Arc<LoadedCert>> {
-        let (chain, key) = match &*self.by_host.get(hostname)? {
+        let pem = match &*self.by_host.get(hostname)? {
             Slot::Ready(c) => return Some(c.clone()),
-            Slot::Deferred { chain, key } => (chain.clone(), key.clone()),
+            Slot::Deferred(p) => p.clone(),
         };
-        match certified_key_from_pem(chain.as_bytes(), key.as_bytes()) {
+        let parsed = certified_key_from_pem(pem.chain.as_bytes(), pem.key.as_bytes());
+        self.settle(hostname, &pem, parsed)
+    }
+
+    /// Stores the outcome of parsing `pem`, unless the slot no longer holds `pem` (replaced by
+    /// a renewal or removed by a delete while it was parsed): then that newer state stands.
+    fn settle(
+        &self,
+        hostname: &str,
+        pem: &Arc<DeferredPem>,
+        parsed: Result<LoadedCert, CertError>,
+    ) -> Option<Arc<LoadedCert>> {
+        let same = |slot: &Slot| matches!(slot, Slot::Deferred(p) if Arc::ptr_eq(p, pem));
+        match parsed {
             Ok(c) if c.covers(hostname) => {
                 let c = Arc::new(c);
-                self.by_host
-                    .insert(hostname.to_string(), Slot::Ready(c.clone()));
-                Some(c)
+                let mut slot = self.by_host.get_mut(hostname)?;
+                if same(&slot) {
+                    *slot = Slot::Ready(c.clone());
+                    return Some(c);
+                }
             }
             other => {
                 let why = other
                     .err()
                     .map_or("does not cover the name".to_string(), |e| e.to_string());
-                tracing::error!(hostname, error = %why, "stored certificate unusable; not served");
-                self.by_host.remove(hostname);
-                None
+                if self
+                    .by_host
+                    .remove_if(hostname, |_, slot| same(slot))
+                    .is_some()
+                {
+                    tracing::error!(hostname, error = %why, "stored certificate unusable; not served");
+                    return None;
+                }
             }
         }
+        // Replaced while parsing: serve what is there now.
+        self.get(hostname)
     }
 
     /// True when a certificate is published for `hostname`.
@@ -348,5 +378,62 @@ mod tests {
             Err(CertError::Mismatch)
         ));
         assert!(certified_key_from_pem(b"garbage", b"garbage").is_err());
+    }
+
+    /// The deferred entry a `get` would parse for `hostname`.
+    fn deferred(store: &CertStore, hostname: &str) -> Arc<DeferredPem> {
+        match &*store.by_host.get(hostname).unwrap() {
+            Slot::Deferred(p) => p.clone(),
+            Slot::Ready(_) => panic!("not deferred"),
+        }
+    }
+
+    #[test]
+    fn deferred_parse_does_not_undo_a_concurrent_change() {
+        let h = "race.test";
+        let (old_c, old_k) = self_signed(&[h]);
+        let (new_c, new_k) = self_signed(&[h]);
+        let renewed = Arc::new(certified_key_from_pem(new_c.as_bytes(), new_k.as_bytes()).unwrap());
+        let parse_old = || certified_key_from_pem(old_c.as_bytes(), old_k.as_bytes());
+
+        // A renewal is published while the stored chain is parsed: the renewal stays.
+        let store = CertStore::default();
+        store.insert_deferred(h, &old_c, &old_k);
+        let pem = deferred(&store, h);
+        store.insert(h, renewed.clone()).unwrap();
+        let served = store.settle(h, &pem, parse_old()).unwrap();
+        assert!(Arc::ptr_eq(&served, &renewed), "the old chain was served");
+        assert!(
+            Arc::ptr_eq(&store.get(h).unwrap(), &renewed),
+            "renewal overwritten"
+        );
+
+        // The domain is deleted while its chain is parsed: it stays deleted.
+        let store = CertStore::default();
+        store.insert_deferred(h, &old_c, &old_k);
+        let pem = deferred(&store, h);
+        store.remove(h);
+        assert!(store.settle(h, &pem, parse_old()).is_none());
+        assert!(!store.contains(h), "deleted domain served again");
+
+        // Stored again (deferred) while the previous entry was parsed: the new one is used.
+        let store = CertStore::default();
+        store.insert_deferred(h, &old_c, &old_k);
+        let pem = deferred(&store, h);
+        store.insert_deferred(h, &new_c, &new_k);
+        let served = store.settle(h, &pem, parse_old()).unwrap();
+        assert_eq!(served.key.cert, renewed.key.cert);
+
+        // A chain that fails to parse removes only itself, not a renewal published meanwhile.
+        let store = CertStore::default();
+        store.insert_deferred(h, "garbage", "garbage");
+        let pem = deferred(&store, h);
+        store.insert(h, renewed.clone()).unwrap();
+        let failed = certified_key_from_pem(b"garbage", b"garbage");
+        assert!(Arc::ptr_eq(
+            &store.settle(h, &pem, failed).unwrap(),
+            &renewed
+        ));
+        assert!(store.contains(h), "renewal removed by a failed parse");
     }
 }
