@@ -199,6 +199,7 @@ upstream = ["127.0.0.1:1"]
                 next_check_at: i64::MAX / 2,
                 renew_after: None,
                 created_at: 0,
+                version: 0,
             };
             store.insert_domain(&row).await.unwrap();
         }

@@ -201,6 +201,7 @@ impl DomainManager {
             next_check_at: now,
             renew_after: None,
             created_at: now,
+            version: 0,
         }
     }
 
@@ -260,7 +261,9 @@ impl DomainManager {
             .domain(&h)
             .await?
             .ok_or_else(|| DomainError::NotFound(h.clone()))?;
-        Ok(self.process(row, true).await)
+        self.process(row, true)
+            .await
+            .ok_or(DomainError::NotFound(h))
     }
 
     fn unpublish(&self, hostname: &str) {
@@ -362,11 +365,14 @@ impl DomainManager {
             .inc();
     }
 
-    /// Checks DNS and moves the domain along; starts an order when it is due.
-    async fn process(self: &Arc<Self>, mut d: DomainRow, forced: bool) -> DomainRow {
+    /// Checks DNS and moves the domain along; starts an order when it is due. Returns the
+    /// domain as stored afterwards (None when it was deleted meanwhile). The result is
+    /// written only over the row it was computed from: when an order or another check
+    /// changed the domain during the DNS queries, their row stands and is returned.
+    async fn process(self: &Arc<Self>, mut d: DomainRow, forced: bool) -> Option<DomainRow> {
         if self.issuing.contains_key(&d.hostname) {
             // The running order owns the row until it ends.
-            return d;
+            return Some(d);
         }
         let now = now();
         let dns = self.dns.check(&d.hostname, &d.token).await;
@@ -426,29 +432,40 @@ impl DomainManager {
             tracing::info!(hostname = %d.hostname, from = %before, to = %d.state, reason = d.last_error.as_deref().unwrap_or("-"), "domain state changed");
         }
         match self.gw.store.update_domain(&d, &[]).await {
-            Ok(true) => {}
-            Ok(false) => return d, // deleted meanwhile
+            Ok(true) => d.version += 1,
+            Ok(false) => {
+                // Deleted, re-registered or changed (by an order) meanwhile: this check's
+                // result is stale; the stored row stands.
+                tracing::debug!(hostname = %d.hostname, "domain changed during its check; result dropped");
+                return match self.gw.store.domain(&d.hostname).await {
+                    Ok(now_stored) => now_stored,
+                    Err(_) => Some(d),
+                };
+            }
             Err(e) => {
                 tracing::error!(hostname = %d.hostname, error = %e, "cannot store the domain check");
-                return d;
+                return Some(d);
             }
         }
         if before != d.state {
             self.refresh_gauge().await;
         }
         if start_order {
-            self.spawn_order(d.hostname.clone());
+            self.spawn_order(&d);
         }
-        d
+        Some(d)
     }
 
-    fn spawn_order(self: &Arc<Self>, hostname: String) {
-        if self.issuing.insert(hostname.clone(), ()).is_some() {
+    /// Starts an order for the registration `d` (its tenant and ownership token): the
+    /// certificate is installed only if that registration still exists when it arrives.
+    fn spawn_order(self: &Arc<Self>, d: &DomainRow) {
+        if self.issuing.insert(d.hostname.clone(), ()).is_some() {
             return;
         }
         let me = self.clone();
+        let (hostname, tenant, token) = (d.hostname.clone(), d.tenant.clone(), d.token.clone());
         let task = async move {
-            me.order(&hostname).await;
+            me.order(&hostname, &tenant, &token).await;
             me.issuing.remove(&hostname);
         };
         match self.runtime.get() {
@@ -461,8 +478,10 @@ impl DomainManager {
         }
     }
 
-    /// Orders (or renews) the certificate of `hostname` under the store lock.
-    async fn order(self: &Arc<Self>, hostname: &str) {
+    /// Orders (or renews) the certificate of `hostname` under the store lock, for the
+    /// registration of `tenant` with ownership `token`. If the domain was deleted or
+    /// registered again (new token) while the order ran, the result is discarded.
+    async fn order(self: &Arc<Self>, hostname: &str, tenant: &str, token: &str) {
         let store = &self.gw.store;
         let now = now();
         match store
@@ -481,10 +500,80 @@ impl DomainManager {
         }
         let result = self.acme.issue(hostname, &self.gw.acme_challenges).await;
         let _ = store.unlock_domain(hostname, &self.node).await;
-        let Ok(Some(mut d)) = store.domain(hostname).await else {
-            return; // deleted while ordering
+        match &result {
+            Ok(_) => self.gw.metrics.acme_orders.with_label_values(&["ok"]).inc(),
+            Err(_) => self
+                .gw
+                .metrics
+                .acme_orders
+                .with_label_values(&["error"])
+                .inc(),
+        }
+        let ari = match &result {
+            Ok(issued) => self.acme.renewal_time(&issued.chain_pem).await,
+            Err(_) => None,
         };
-        let now = crate::gateway::now();
+        // A check can change the row while this one is written (optimistic concurrency);
+        // read it again and retry, a few times at most.
+        for _ in 0..5 {
+            let mut d = match store.domain(hostname).await {
+                Ok(Some(d)) if d.tenant == tenant && d.token == token => d,
+                Ok(Some(_)) => {
+                    tracing::warn!(
+                        hostname,
+                        tenant,
+                        "domain registered again while ordering; result discarded"
+                    );
+                    return;
+                }
+                Ok(None) => {
+                    tracing::info!(hostname, "domain deleted while ordering; result discarded");
+                    return;
+                }
+                Err(e) => {
+                    tracing::error!(hostname, error = %e, "cannot read the domain after its order");
+                    return;
+                }
+            };
+            let renewal = d.cert_pem.is_some();
+            let (events, installed) = self.apply_order(&mut d, &result, ari);
+            match store.update_domain(&d, &events).await {
+                Ok(true) => {
+                    if installed && self.publish(&d, false) {
+                        // A DELETE between the write and the publish must not be undone.
+                        match store.domain(hostname).await {
+                            Ok(Some(row)) if row.token == token => {}
+                            Ok(_) => self.unpublish(hostname),
+                            Err(_) => {}
+                        }
+                        let renew_after = d.renew_after.map(rfc3339).unwrap_or_default();
+                        tracing::info!(hostname, renewal, %renew_after, "certificate installed; domain active");
+                    }
+                    self.refresh_gauge().await;
+                    return;
+                }
+                Ok(false) => continue,
+                Err(e) => {
+                    tracing::error!(hostname, error = %e, "cannot store the order's result");
+                    return;
+                }
+            }
+        }
+        tracing::error!(
+            hostname,
+            "domain kept changing; the order's result was not stored"
+        );
+    }
+
+    /// Writes an order's outcome into `d`; returns the webhook deliveries to queue with it and
+    /// whether a certificate was installed.
+    fn apply_order(
+        &self,
+        d: &mut DomainRow,
+        result: &Result<Issued, crate::acme::AcmeError>,
+        ari: Option<i64>,
+    ) -> (Vec<crate::store::NewDelivery>, bool) {
+        let now = now();
         let renewal = d.cert_pem.is_some();
         match result {
             Ok(Issued {
@@ -492,14 +581,12 @@ impl DomainManager {
                 key_pem,
                 loaded,
             }) => {
-                self.gw.metrics.acme_orders.with_label_values(&["ok"]).inc();
-                let ari = self.acme.renewal_time(&chain_pem).await;
                 let mut renew_after = ari.unwrap_or(loaded.not_after - self.renew_before);
                 if renewal {
                     renew_after = renew_after.max(now + MIN_RENEW_INTERVAL);
                 }
-                d.cert_pem = Some(chain_pem);
-                d.key_pem = Some(key_pem);
+                d.cert_pem = Some(chain_pem.clone());
+                d.key_pem = Some(key_pem.clone());
                 d.not_before = Some(loaded.not_before);
                 d.not_after = Some(loaded.not_after);
                 d.issuer = Some(loaded.issuer.clone());
@@ -513,18 +600,9 @@ impl DomainManager {
                 } else {
                     "domain.active"
                 };
-                let events = self.domain_events(&d, event);
-                if matches!(store.update_domain(&d, &events).await, Ok(true)) {
-                    self.publish(&d, false);
-                    tracing::info!(hostname, renewal, renew_after = %rfc3339(renew_after), "certificate installed; domain active");
-                }
+                (self.domain_events(d, event), true)
             }
             Err(e) => {
-                self.gw
-                    .metrics
-                    .acme_orders
-                    .with_label_values(&["error"])
-                    .inc();
                 d.failures += 1;
                 let backoff = (5i64 << (d.failures - 1).min(20)).min(MAX_BACKOFF);
                 d.next_check_at = now + backoff;
@@ -535,16 +613,15 @@ impl DomainManager {
                     d.state = "failed".into();
                     d.last_error = Some(format!("{e}; retrying in {backoff} s"));
                 }
-                tracing::warn!(hostname, error = %e, retry_in_secs = backoff, "ACME order failed");
+                tracing::warn!(hostname = %d.hostname, error = %e, retry_in_secs = backoff, "ACME order failed");
                 let events = if renewal || d.failures > 1 {
                     Vec::new()
                 } else {
-                    self.domain_events(&d, "domain.failed")
+                    self.domain_events(d, "domain.failed")
                 };
-                let _ = store.update_domain(&d, &events).await;
+                (events, false)
             }
         }
-        self.refresh_gauge().await;
     }
 
     /// The scheduler: every second, processes the domains whose check is due.

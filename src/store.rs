@@ -55,12 +55,15 @@ pub struct DomainRow {
     /// When renewal is due (Unix seconds).
     pub renew_after: Option<i64>,
     pub created_at: i64,
+    /// Bumped by every [`Store::update_domain`]; an update is written only over the version
+    /// it was read at.
+    pub version: i64,
 }
 
 const DOMAIN_COLUMNS: &str =
     "hostname, tenant, token, state, records, last_checked_at, last_error, \
     cert_pem, key_pem, not_before, not_after, issuer, failures, routing_misses, next_check_at, \
-    renew_after, created_at";
+    renew_after, created_at, version";
 
 fn domain_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DomainRow> {
     Ok(DomainRow {
@@ -81,6 +84,7 @@ fn domain_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DomainRow> {
         next_check_at: r.get(14)?,
         renew_after: r.get(15)?,
         created_at: r.get(16)?,
+        version: r.get(17)?,
     })
 }
 
@@ -174,8 +178,10 @@ pub trait Store: Send + Sync {
     async fn ping(&self) -> bool;
     /// Adds a domain; false when the hostname is taken.
     async fn insert_domain(&self, d: &DomainRow) -> Result<bool, StoreError>;
-    /// Replaces a domain's row and queues `events` in the same transaction; false when the
-    /// domain was deleted meanwhile (nothing written).
+    /// Replaces the row `d` was read from and queues `events` in the same transaction, only
+    /// when that row is still there unchanged: same hostname, tenant, token and version. The
+    /// stored version becomes `d.version + 1`. False (nothing written) when the domain was
+    /// deleted, re-registered (new token) or updated by another writer since it was read.
     async fn update_domain(
         &self,
         d: &DomainRow,
@@ -255,7 +261,8 @@ CREATE TABLE IF NOT EXISTS domains (
     renew_after INTEGER,
     created_at INTEGER NOT NULL,
     lock_owner TEXT,
-    lock_until INTEGER NOT NULL DEFAULT 0
+    lock_until INTEGER NOT NULL DEFAULT 0,
+    version INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS domains_due ON domains (next_check_at);
 CREATE TABLE IF NOT EXISTS webhook_outbox (
@@ -283,16 +290,30 @@ CREATE TABLE IF NOT EXISTS signing_keys (
 );
 ";
 
-/// Brings a database written by an earlier version up to `SCHEMA`; each step is a no-op once
-/// done. `redeemed_links` keyed one-time `jti`s without their tenant, so one tenant's link
-/// could use up another's with the same `jti`: its rows move to `redeemed_jtis`.
-const MIGRATIONS: &str = "
-BEGIN;
-CREATE TABLE IF NOT EXISTS redeemed_links (jti TEXT PRIMARY KEY, tenant TEXT NOT NULL, expires_at INTEGER NOT NULL);
-INSERT OR IGNORE INTO redeemed_jtis (tenant, jti, expires_at) SELECT tenant, jti, expires_at FROM redeemed_links;
-DROP TABLE redeemed_links;
-COMMIT;
-";
+/// Brings a database made by an older version up to [`SCHEMA`]; each step is a no-op once
+/// done.
+fn migrate(conn: &Connection) -> Result<(), StoreError> {
+    let has_version: bool = conn.query_row(
+        "SELECT COUNT(*) FROM pragma_table_info('domains') WHERE name = 'version'",
+        [],
+        |r| r.get::<_, i64>(0).map(|n| n > 0),
+    )?;
+    if !has_version {
+        conn.execute_batch("ALTER TABLE domains ADD COLUMN version INTEGER NOT NULL DEFAULT 0")?;
+    }
+    // `redeemed_links` keyed one-time `jti`s without their tenant, so one tenant's link could
+    // use up another's with the same `jti`: its rows move to `redeemed_jtis`.
+    conn.execute_batch(
+        "BEGIN;
+         CREATE TABLE IF NOT EXISTS redeemed_links (jti TEXT PRIMARY KEY, tenant TEXT NOT NULL, \
+         expires_at INTEGER NOT NULL);
+         INSERT OR IGNORE INTO redeemed_jtis (tenant, jti, expires_at)
+             SELECT tenant, jti, expires_at FROM redeemed_links;
+         DROP TABLE redeemed_links;
+         COMMIT;",
+    )?;
+    Ok(())
+}
 
 impl SqliteStore {
     /// Opens (creating when absent, mode 0600) the database at `path`.
@@ -314,7 +335,7 @@ impl SqliteStore {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.execute_batch(SCHEMA)?;
-        conn.execute_batch(MIGRATIONS)?;
+        migrate(&conn)?;
         Ok(Self {
             conn: Arc::new(Mutex::new(conn)),
         })
@@ -550,10 +571,10 @@ impl Store for SqliteStore {
         let d = d.clone();
         self.with(move |c| {
             let n = c.execute(
-                &format!("INSERT OR IGNORE INTO domains ({DOMAIN_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)"),
+                &format!("INSERT OR IGNORE INTO domains ({DOMAIN_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)"),
                 params![d.hostname, d.tenant, d.token, d.state, d.records, d.last_checked_at, d.last_error,
                     d.cert_pem, d.key_pem, d.not_before, d.not_after, d.issuer, d.failures, d.routing_misses,
-                    d.next_check_at, d.renew_after, d.created_at],
+                    d.next_check_at, d.renew_after, d.created_at, d.version],
             )?;
             Ok(n == 1)
         })
@@ -569,12 +590,13 @@ impl Store for SqliteStore {
         self.with(move |c| {
             let tx = c.transaction()?;
             let n = tx.execute(
-                "UPDATE domains SET tenant = ?2, token = ?3, state = ?4, records = ?5, last_checked_at = ?6, \
+                "UPDATE domains SET state = ?4, records = ?5, last_checked_at = ?6, \
                  last_error = ?7, cert_pem = ?8, key_pem = ?9, not_before = ?10, not_after = ?11, issuer = ?12, \
-                 failures = ?13, routing_misses = ?14, next_check_at = ?15, renew_after = ?16 WHERE hostname = ?1",
+                 failures = ?13, routing_misses = ?14, next_check_at = ?15, renew_after = ?16, version = version + 1 \
+                 WHERE hostname = ?1 AND tenant = ?2 AND token = ?3 AND version = ?17",
                 params![d.hostname, d.tenant, d.token, d.state, d.records, d.last_checked_at, d.last_error,
                     d.cert_pem, d.key_pem, d.not_before, d.not_after, d.issuer, d.failures, d.routing_misses,
-                    d.next_check_at, d.renew_after],
+                    d.next_check_at, d.renew_after, d.version],
             )?;
             if n == 1 {
                 enqueue(&tx, &events, crate::gateway::now())?;
@@ -796,6 +818,7 @@ mod tests {
             next_check_at: 0,
             renew_after: None,
             created_at: 1,
+            version: 0,
         };
         assert!(s.insert_domain(&row).await.unwrap());
         assert!(!s.insert_domain(&row).await.unwrap(), "hostname taken");
@@ -824,5 +847,103 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();
         assert_eq!(mode & 0o077, 0, "database not readable by others");
+    }
+
+    fn domain_row(hostname: &str, tenant: &str, token: &str) -> DomainRow {
+        DomainRow {
+            hostname: hostname.into(),
+            tenant: tenant.into(),
+            token: token.into(),
+            state: "pending_ownership".into(),
+            records: "[]".into(),
+            last_checked_at: None,
+            last_error: None,
+            cert_pem: None,
+            key_pem: None,
+            not_before: None,
+            not_after: None,
+            issuer: None,
+            failures: 0,
+            routing_misses: 0,
+            next_check_at: 0,
+            renew_after: None,
+            created_at: 1,
+            version: 0,
+        }
+    }
+
+    #[tokio::test]
+    async fn stale_domain_writers_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SqliteStore::open(&dir.path().join("d.db")).unwrap();
+        let h = "links.stale.test";
+        assert!(s.insert_domain(&domain_row(h, "acme", "t1")).await.unwrap());
+
+        // Two writers read the same version; the second one to write loses.
+        let mut order = s.domain(h).await.unwrap().unwrap();
+        let mut check = order.clone();
+        order.state = "active".into();
+        order.cert_pem = Some("CERT".into());
+        assert!(s.update_domain(&order, &[]).await.unwrap());
+        check.state = "issuing".into();
+        assert!(
+            !s.update_domain(&check, &[]).await.unwrap(),
+            "a writer holding an older version overwrote a newer row"
+        );
+        let stored = s.domain(h).await.unwrap().unwrap();
+        assert_eq!(
+            (stored.state.as_str(), stored.cert_pem.as_deref()),
+            ("active", Some("CERT"))
+        );
+        assert_eq!(stored.version, order.version + 1);
+
+        // Deleted and registered again (same version number, other tenant and token): a
+        // writer of the old registration cannot touch the new one.
+        let mut old = stored.clone();
+        assert!(s.delete_domain(h).await.unwrap());
+        let mut again = domain_row(h, "other", "t2");
+        again.version = old.version;
+        assert!(s.insert_domain(&again).await.unwrap());
+        old.cert_pem = Some("OLD".into());
+        assert!(!s.update_domain(&old, &[]).await.unwrap());
+        old.tenant = "other".into();
+        assert!(
+            !s.update_domain(&old, &[]).await.unwrap(),
+            "same tenant, other token"
+        );
+        let stored = s.domain(h).await.unwrap().unwrap();
+        assert_eq!(stored, again, "the new registration was changed");
+    }
+
+    #[tokio::test]
+    async fn domains_table_without_version_is_migrated() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.db");
+        {
+            let c = Connection::open(&path).unwrap();
+            c.execute_batch(
+                "CREATE TABLE domains (hostname TEXT PRIMARY KEY, tenant TEXT NOT NULL, \
+                 token TEXT NOT NULL, state TEXT NOT NULL, records TEXT NOT NULL, \
+                 last_checked_at INTEGER, last_error TEXT, cert_pem TEXT, key_pem TEXT, \
+                 not_before INTEGER, not_after INTEGER, issuer TEXT, \
+                 failures INTEGER NOT NULL DEFAULT 0, routing_misses INTEGER NOT NULL DEFAULT 0, \
+                 next_check_at INTEGER NOT NULL DEFAULT 0, renew_after INTEGER, \
+                 created_at INTEGER NOT NULL, lock_owner TEXT, lock_until INTEGER NOT NULL DEFAULT 0);
+                 INSERT INTO domains (hostname, tenant, token, state, records, created_at) \
+                 VALUES ('links.old.test', 'acme', 't', 'active', '[]', 1);",
+            )
+            .unwrap();
+        }
+        let s = SqliteStore::open(&path).unwrap();
+        let mut d = s.domain("links.old.test").await.unwrap().unwrap();
+        assert_eq!(d.version, 0);
+        d.state = "moved".into();
+        assert!(s.update_domain(&d, &[]).await.unwrap());
+        drop(s);
+        let s = SqliteStore::open(&path).unwrap();
+        assert_eq!(
+            s.domain("links.old.test").await.unwrap().unwrap().version,
+            1
+        );
     }
 }

@@ -618,3 +618,79 @@ async fn hostname_validation_and_conflicts() {
         "{names:?}"
     );
 }
+
+/// Lines of the gateway log containing every one of `parts`.
+fn log_lines(env: &DomainEnv, parts: &[&str]) -> usize {
+    env.gw
+        .log()
+        .lines()
+        .filter(|l| parts.iter().all(|p| l.contains(p)))
+        .count()
+}
+
+#[tokio::test]
+async fn order_outliving_its_registration_is_discarded() {
+    let env = DomainEnv::start_with(DomainOpts {
+        tenants: vec!["acme", "globex"],
+        ..DomainOpts::default()
+    })
+    .await;
+    // A first activation creates (and caches) the ACME account.
+    env.activate("links.warmup.test").await;
+    let host = "links.reregistered.test";
+    let first = env.add_domain(host, "acme").await;
+
+    // Pebble frozen: the order for `acme`'s registration starts and hangs on the CA.
+    env.pebble.pause();
+    env.set_ownership(&first).await;
+    env.set_routing(host).await;
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    while log_lines(&env, &["ordering a certificate", host]) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "no order started for {host}\n{}",
+            env.diag()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Meanwhile the domain is deleted and registered again, by another tenant whose
+    // ownership record does not exist.
+    let r = env
+        .gw
+        .admin(reqwest::Method::DELETE, &format!("/v1/domains/{host}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    let second = env.add_domain(host, "globex").await;
+    assert_ne!(record(&first, 0)["value"], record(&second, 0)["value"]);
+
+    // The CA answers; the order completes for the old registration.
+    env.pebble.resume();
+    let d = env
+        .wait_for(
+            host,
+            "the old order's result stored or discarded",
+            ACTIVE_TIMEOUT,
+            |d| !d["certificate"].is_null() || log_lines(&env, &["result discarded", host]) > 0,
+        )
+        .await;
+    assert_eq!(d["tenant"], "globex", "{d}");
+    assert!(
+        d["certificate"].is_null(),
+        "the new registration got the old order's certificate: {d}\n{}",
+        env.diag()
+    );
+    assert_eq!(d["state"], "pending_ownership", "{d}");
+    assert_eq!(record(&d, 0)["status"], "wrong_value", "{d}");
+    assert!(
+        tls_handshake(env.gw.https_port, Some(host)).await.is_err(),
+        "the new registration is served without its DNS being checked"
+    );
+    // Checks keep it pending (nothing was left behind by the discarded order).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let d = env.check(host).await;
+    assert_eq!(d["state"], "pending_ownership", "{d}");
+    assert!(d["certificate"].is_null(), "{d}");
+}

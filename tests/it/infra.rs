@@ -457,6 +457,26 @@ impl Pebble {
         kill_child(&mut self.child);
     }
 
+    /// Freezes pebble (SIGSTOP): requests to it hang, unanswered, until [`Pebble::resume`].
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Lets a paused pebble run again (SIGCONT); held requests are answered.
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, sig: &str) {
+        let pid = self.child.as_ref().expect("pebble running").id();
+        let st = Command::new("kill")
+            .arg(sig)
+            .arg(pid.to_string())
+            .status()
+            .unwrap();
+        assert!(st.success(), "kill {sig} {pid}");
+    }
+
     /// Starts pebble again on the same ports (new issuing root, no accounts).
     pub async fn start_again(&mut self) {
         let http_port = self.http_port;
@@ -610,6 +630,8 @@ pub fn cert_validity(der: &[u8]) -> (i64, i64) {
 pub struct DomainOpts {
     pub renew_before: String,
     pub orders_per_minute: u32,
+    /// Tenant ids (each a default [`TenantCfg`]).
+    pub tenants: Vec<&'static str>,
 }
 
 impl Default for DomainOpts {
@@ -617,11 +639,12 @@ impl Default for DomainOpts {
         DomainOpts {
             renew_before: "30d".into(),
             orders_per_minute: 10,
+            tenants: vec!["acme"],
         }
     }
 }
 
-/// A gateway (tenant `acme`, static host `links.acme.test`) with `[acme]` pointing at its own
+/// A gateway (tenant `acme` unless `opts` say otherwise, static host `links.acme.test`) with `[acme]` pointing at its own
 /// pebble and `[dns]` at its own DNS server, where `edge.gateway.test A 127.0.0.1` is set.
 /// Fields drop in order: gateway, pebble, DNS.
 pub struct DomainEnv {
@@ -639,7 +662,8 @@ impl DomainEnv {
         let dns = Dns::start().await;
         dns.set_a(EDGE_TARGET, &["127.0.0.1"]).await;
         let mut pebble = Pebble::new(dns.port);
-        let mut cfg = GatewayCfg::with_tenants(vec![TenantCfg::new("acme")]);
+        let mut cfg =
+            GatewayCfg::with_tenants(opts.tenants.iter().map(|t| TenantCfg::new(t)).collect());
         cfg.tail = format!(
             "[acme]\nenabled = true\ndirectory = {}\nca_file = {}\nrenew_before = {}\norders_per_minute = {}\n\n\
              [dns]\nnameservers = [{}]\nedge_target = {}\nverify_zone = {}\ncheck_interval = \"1s\"\n",
