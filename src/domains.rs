@@ -381,8 +381,6 @@ impl DomainManager {
             .unwrap_or_default();
         d.last_checked_at = Some(now);
         let explanation = self.dns.explain(&d.hostname, &d.token, &dns);
-        let both_ok =
-            dns.ownership.status == RecordStatus::Ok && dns.routing.status == RecordStatus::Ok;
         let before = d.state.clone();
         let mut start_order = false;
         match d.state.as_str() {
@@ -413,7 +411,9 @@ impl DomainManager {
                         tracing::info!(hostname = %d.hostname, "routing CNAME is back; domain active again");
                     }
                     d.state = "active".into();
-                    if both_ok && d.renew_after.is_some_and(|r| now >= r) {
+                    // Ownership was proven once (the token is kept): renewal needs only the
+                    // routing record, which the CA's HTTP-01 request follows.
+                    if d.renew_after.is_some_and(|r| now >= r) {
                         start_order = true;
                     }
                 } else {

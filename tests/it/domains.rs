@@ -694,3 +694,49 @@ async fn order_outliving_its_registration_is_discarded() {
     assert_eq!(d["state"], "pending_ownership", "{d}");
     assert!(d["certificate"].is_null(), "{d}");
 }
+
+#[tokio::test]
+async fn renewal_needs_only_the_routing_record_once_active() {
+    // renew_before longer than pebble's validity: renewal is due right after activation.
+    let env = DomainEnv::start_with(DomainOpts {
+        renew_before: "2000d".into(),
+        ..DomainOpts::default()
+    })
+    .await;
+    let host = "links.renewnoowner.test";
+    let d = env.add_domain(host, "acme").await;
+    env.set_ownership(&d).await;
+    env.set_routing(host).await;
+    // Once the order runs, the customer removes the ownership record (it was proven).
+    env.wait_for(host, "issuing or active", ACTIVE_TIMEOUT, |d| {
+        d["state"] == "issuing" || d["state"] == "active"
+    })
+    .await;
+    env.dns
+        .clear_cname(record(&d, 0)["name"].as_str().unwrap())
+        .await;
+    env.wait_state(host, "active", ACTIVE_TIMEOUT).await;
+    let first = env.served(host).await.expect("served");
+
+    let deadline = Instant::now() + ACTIVE_TIMEOUT;
+    loop {
+        let m = env.gw.metrics().await;
+        if metric(&m, "linkgate_acme_orders_total", &[("result", "ok")]) >= Some(2.0) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no renewal without the ownership record\n{m}\n{}",
+            env.diag()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let d = env.get_domain(host).await;
+    assert_eq!(d["state"], "active", "{d}");
+    assert_eq!(record(&d, 0)["status"], "missing", "{d}");
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    while env.served(host).await.expect("served")[0] == first[0] {
+        assert!(Instant::now() < deadline, "renewed certificate not served");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
