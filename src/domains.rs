@@ -105,6 +105,16 @@ pub fn customer_hostname(
     Ok(h)
 }
 
+/// The stored form of a hostname taken from an API path (`/v1/domains/{hostname}`): percent-
+/// decoded, then normalised like [`customer_hostname`], so a trailing dot, upper case or an
+/// IDNA name find the domain registered as punycode. None for a name that cannot be stored.
+pub fn path_hostname(raw: &str, edge_target: &str, verify_zone: &str) -> Option<String> {
+    let decoded = percent_encoding::percent_decode_str(raw)
+        .decode_utf8()
+        .ok()?;
+    customer_hostname(&decoded, edge_target, verify_zone).ok()
+}
+
 fn dns_result(c: &RecordCheck) -> &'static str {
     if c.error.is_some() {
         "error"
@@ -230,9 +240,17 @@ impl DomainManager {
         Ok(row)
     }
 
-    /// One domain.
+    /// The stored form of a hostname from an API path; see [`path_hostname`].
+    fn stored_name(&self, raw: &str) -> Option<String> {
+        path_hostname(raw, self.dns.edge_target(), self.dns.verify_zone())
+    }
+
+    /// One domain, by any spelling of its name (see [`path_hostname`]).
     pub async fn get(&self, hostname: &str) -> Result<Option<DomainRow>, DomainError> {
-        Ok(self.gw.store.domain(&hostname.to_ascii_lowercase()).await?)
+        let Some(h) = self.stored_name(hostname) else {
+            return Ok(None);
+        };
+        Ok(self.gw.store.domain(&h).await?)
     }
 
     /// Every stored domain.
@@ -242,7 +260,9 @@ impl DomainManager {
 
     /// Deletes a domain and stops serving it at once.
     pub async fn delete(&self, hostname: &str) -> Result<(), DomainError> {
-        let h = hostname.to_ascii_lowercase();
+        let h = self
+            .stored_name(hostname)
+            .ok_or_else(|| DomainError::NotFound(hostname.to_string()))?;
         if !self.gw.store.delete_domain(&h).await? {
             return Err(DomainError::NotFound(h));
         }
@@ -254,7 +274,9 @@ impl DomainManager {
 
     /// Runs a check now and returns the domain after it.
     pub async fn check_now(self: &Arc<Self>, hostname: &str) -> Result<DomainRow, DomainError> {
-        let h = hostname.to_ascii_lowercase();
+        let h = self
+            .stored_name(hostname)
+            .ok_or_else(|| DomainError::NotFound(hostname.to_string()))?;
         let row = self
             .gw
             .store
@@ -683,6 +705,44 @@ mod tests {
             "a..b.test",
         ] {
             assert!(ok(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn path_hostnames_find_the_stored_name() {
+        let p = |h: &str| path_hostname(h, "edge.gw.test", "verify.gw.test");
+        for spelling in [
+            "links.example.com",
+            "links.example.com.",
+            "LINKS.Example.com.",
+        ] {
+            assert_eq!(
+                p(spelling).as_deref(),
+                Some("links.example.com"),
+                "{spelling}"
+            );
+        }
+        for spelling in [
+            "bücher.example",
+            "b%C3%BCcher.example",
+            "b%c3%bccher.example.",
+            "XN--BCHER-KVA.example",
+        ] {
+            assert_eq!(
+                p(spelling).as_deref(),
+                Some("xn--bcher-kva.example"),
+                "{spelling}"
+            );
+        }
+        for bad in [
+            "",
+            "%",
+            "%ff.example",
+            "a%2fb.example",
+            "*.example",
+            "edge.gw.test",
+        ] {
+            assert_eq!(p(bad), None, "{bad:?}");
         }
     }
 

@@ -740,3 +740,46 @@ async fn renewal_needs_only_the_routing_record_once_active() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+#[tokio::test]
+async fn domain_paths_accept_every_spelling_of_the_name() {
+    let env = DomainEnv::start().await;
+    let d = env.add_domain("Bücher.Paths.test", "acme").await;
+    let stored = "xn--bcher-kva.paths.test";
+    assert_eq!(d["hostname"], stored, "{d}");
+    for spelling in [
+        stored,
+        "xn--bcher-kva.paths.test.",
+        "XN--BCHER-KVA.Paths.Test",
+        "bücher.paths.test",
+        "BÜCHER.paths.test.",
+    ] {
+        let d = env.get_domain(spelling).await;
+        assert_eq!(d["hostname"], stored, "GET {spelling}: {d}");
+        let d = env.check(spelling).await;
+        assert_eq!(d["hostname"], stored, "check {spelling}: {d}");
+    }
+    for (method, path) in [
+        (reqwest::Method::GET, "/v1/domains/bad_name!.paths.test"),
+        (reqwest::Method::GET, "/v1/domains/%ff.paths.test"),
+        (reqwest::Method::DELETE, "/v1/domains/*.paths.test"),
+        (reqwest::Method::POST, "/v1/domains/a..b.paths.test/check"),
+    ] {
+        let r = env.gw.admin(method, path).send().await.unwrap();
+        expect_admin_error(r, 404, "not_found").await;
+    }
+    let r = env
+        .gw
+        .admin(reqwest::Method::DELETE, "/v1/domains/Bücher.paths.test.")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204, "{}", r.text().await.unwrap());
+    let r = env
+        .gw
+        .admin(reqwest::Method::GET, &format!("/v1/domains/{stored}"))
+        .send()
+        .await
+        .unwrap();
+    expect_admin_error(r, 404, "not_found").await;
+}
