@@ -65,16 +65,47 @@ fn install_static(
     for d in &config.domains {
         hosts.insert(d.hostname.clone(), HostRoute::new(&d.hostname, &d.tenant));
     }
-    let active = config
+    Ok(())
+}
+
+/// The `[[domains]]` entries of `config` that a static certificate covers.
+fn static_active(config: &Config) -> i64 {
+    config
         .domains
         .iter()
-        .filter(|d| certs.contains(&d.hostname))
-        .count();
-    metrics
+        .filter(|d| {
+            config
+                .certificates
+                .iter()
+                .any(|c| c.hostnames.contains(&d.hostname))
+        })
+        .count() as i64
+}
+
+/// Sets `linkgate_domains{state="active"}` to every domain served: the static ones and, when
+/// the domain manager runs (`custom_domains`), the stored domains in `active`, counted the way
+/// the domain manager counts them.
+async fn refresh_active_gauge(gw: &Gateway, custom_domains: bool) {
+    let mut active = static_active(&gw.config.load());
+    if custom_domains {
+        match gw.store.domain_state_counts().await {
+            Ok(counts) => {
+                active += counts
+                    .iter()
+                    .filter(|(state, _)| state == "active")
+                    .map(|(_, n)| *n)
+                    .sum::<i64>();
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot count domains");
+                return;
+            }
+        }
+    }
+    gw.metrics
         .domains
         .with_label_values(&["active"])
-        .set(active as i64);
-    Ok(())
+        .set(active);
 }
 
 /// Opens the store and prepares everything the services share.
@@ -96,6 +127,11 @@ pub async fn build_gateway(config: Config, metrics: Arc<Metrics>) -> anyhow::Res
     let certs = Arc::new(CertStore::default());
     let hosts = HostMap::default();
     install_static(&config, &certs, &hosts, &metrics)?;
+    // Nothing else is served yet; the domain manager adds its own when it loads.
+    metrics
+        .domains
+        .with_label_values(&["active"])
+        .set(static_active(&config));
     let tenants = build_tenants(&config)?;
     let gw = Gateway {
         cookie_name: config.session.cookie_name.clone(),
@@ -172,7 +208,13 @@ pub fn reload(gw: &Gateway) -> Result<(), Vec<String>> {
         }
     }
     gw.tenants.store(Arc::new(tenants));
-    gw.hosts.retain(|k, _| hosts.contains_key(k));
+    // Only names that were `[[domains]]` entries and are no longer: the host map also holds
+    // the domains the admin API and ACME published, which the file does not list.
+    for d in &old.domains {
+        if !hosts.contains_key(&d.hostname) {
+            gw.hosts.remove(&d.hostname);
+        }
+    }
     for (k, v) in hosts {
         gw.hosts.insert(k, v);
     }
@@ -189,6 +231,8 @@ struct Housekeeping {
     listeners: [SocketAddr; 3],
     /// Set while a round of upstream health checks runs: rounds never overlap.
     health_round: Arc<AtomicBool>,
+    /// True when the domain manager runs (ACME on at start-up).
+    custom_domains: bool,
 }
 
 /// Tenants whose upstreams one health-check round checks at once.
@@ -247,7 +291,10 @@ impl BackgroundService for Housekeeping {
                 _ = shutdown.changed() => return,
                 _ = async { match hup.as_mut() { Some(h) => { h.recv().await; } None => std::future::pending().await } } => {
                     match reload(gw) {
-                        Ok(()) => tracing::info!("configuration reloaded"),
+                        Ok(()) => {
+                            refresh_active_gauge(gw, self.custom_domains).await;
+                            tracing::info!("configuration reloaded");
+                        }
                         Err(problems) => {
                             for p in problems {
                                 tracing::error!(problem = %p, "configuration not reloaded");
@@ -349,6 +396,7 @@ pub fn serve(
             gw: gw.clone(),
             listeners: [https, http_addr, admin],
             health_round: Arc::default(),
+            custom_domains: domains.is_some(),
         },
     );
 

@@ -782,4 +782,58 @@ async fn domain_paths_accept_every_spelling_of_the_name() {
         .await
         .unwrap();
     expect_admin_error(r, 404, "not_found").await;
+#[tokio::test]
+async fn sighup_keeps_serving_domains_made_active_through_the_api() {
+    let env = DomainEnv::start().await;
+    let host = "links.reload.test";
+    env.activate(host).await;
+    let client = env.client_for(host);
+    let base = format!("https://{host}:{}", env.gw.https_port);
+    // Routed to the tenant: no session yet (an unknown host would get 421).
+    let r = client.get(format!("{base}/app")).send().await.unwrap();
+    expect_error(r, 401, "session_required").await;
+    let active = |m: &str| metric(m, "linkgate_domains", &[("state", "active")]);
+    let before = active(&env.gw.metrics().await);
+
+    assert_eq!(env.gw.reload().await, Some(true), "{}", env.diag());
+    let r = client.get(format!("{base}/app")).send().await.unwrap();
+    expect_error(r, 401, "session_required").await;
+    // A magic link for the custom domain still turns into a session that is forwarded.
+    let r = env
+        .gw
+        .admin_post(
+            "/v1/links",
+            &json!({"tenant": "acme", "sub": "dora", "host": format!("{host}:{}", env.gw.https_port)}),
+        )
+        .await;
+    let v: Value = r.json().await.unwrap();
+    let tok = v["token"].as_str().expect("token");
+    let r = client
+        .get(format!("{base}/login/{tok}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 303, "redeem after SIGHUP\n{}", env.diag());
+    let cookie = session_cookie(&r).expect("session cookie").value;
+    let r = client
+        .get(format!("{base}/app/page"))
+        .header("cookie", format!("{COOKIE}={cookie}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.unwrap(), "upstream ok /app/page");
+    assert!(
+        env.served(host).await.is_ok(),
+        "certificate gone after SIGHUP"
+    );
+    assert_eq!(
+        active(&env.gw.metrics().await),
+        before,
+        "linkgate_domains{{state=active}} changed by a reload that changed nothing"
+    );
+    // The static domain is still served too.
+    assert!(tls_handshake(env.gw.https_port, Some("links.acme.test"))
+        .await
+        .is_ok());
 }
