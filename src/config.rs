@@ -272,7 +272,7 @@ impl Config {
     /// Validates configuration text; `path` names the file and anchors relative paths.
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         let root: toml::Table = toml::from_str(text).map_err(|e| ConfigError {
-            problems: vec![format!("{}: {}", path.display(), one_line(&e.to_string()))],
+            problems: vec![syntax_error(&e, text, path)],
         })?;
         let mut v = Validator {
             problems: Vec::new(),
@@ -293,6 +293,35 @@ impl Config {
     pub fn tenant(&self, id: &str) -> Option<&TenantConfig> {
         self.tenants.iter().find(|t| t.id == id)
     }
+}
+
+/// A TOML syntax error as one line: the message and where, never the source text (the line
+/// may hold a secret). `Display` of the error quotes the offending line, so it is not used.
+fn syntax_error(e: &toml::de::Error, text: &str, path: &Path) -> String {
+    let at = match e.span() {
+        Some(span) => {
+            let (line, column) = line_column(text, span.start);
+            format!(" (line {line}, column {column})")
+        }
+        None => String::new(),
+    };
+    format!(
+        "{}: TOML syntax error{at}: {}",
+        path.display(),
+        one_line(e.message())
+    )
+}
+
+/// 1-based line and column (in characters) of byte offset `at` in `text`.
+fn line_column(text: &str, at: usize) -> (usize, usize) {
+    let mut at = at.min(text.len());
+    while !text.is_char_boundary(at) {
+        at -= 1;
+    }
+    let before = &text[..at];
+    let line = before.matches('\n').count() + 1;
+    let start = before.rfind('\n').map_or(0, |i| i + 1);
+    (line, before[start..].chars().count() + 1)
 }
 
 fn one_line(s: &str) -> String {

@@ -121,3 +121,34 @@ fn hostnames_checked() {
     assert!(normalize_hostname("bad_name.example.com").is_err());
     assert!(normalize_hostname("-a.example.com").is_err());
 }
+
+#[test]
+fn syntax_errors_never_quote_the_source() {
+    // A bad escape inside a secret: the message names the place, not the text.
+    let secret = "hunter2-very-secret-value-0123456789";
+    let text = format!("[session]\nttl = \"1h\"\nsecret = \"{secret}\\q\"\n");
+    let e = Config::parse(&text, Path::new("t.toml")).unwrap_err();
+    assert_eq!(e.problems.len(), 1, "{:?}", e.problems);
+    let p = &e.problems[0];
+    assert!(!p.contains("hunter2"), "secret leaked: {p}");
+    assert!(!p.contains('\n'), "not one line: {p}");
+    assert!(p.starts_with("t.toml: "), "{p}");
+    assert!(p.contains("line 3, column"), "no position: {p}");
+    // Multi-byte text before the error: positions stay character-based and nothing panics.
+    let text = "# é ü\nkey = \"ä\\q\"\n";
+    let e = Config::parse(text, Path::new("t.toml")).unwrap_err();
+    assert!(e.problems[0].contains("line 2"), "{:?}", e.problems);
+}
+
+#[test]
+fn line_column_counts_characters() {
+    assert_eq!(line_column("abc", 0), (1, 1));
+    assert_eq!(line_column("ab\ncd", 4), (2, 2));
+    assert_eq!(
+        line_column("é\nx", 1),
+        (1, 1),
+        "inside a character: rounded down"
+    );
+    assert_eq!(line_column("é\nx", 2), (1, 2));
+    assert_eq!(line_column("ab", 99), (1, 3), "past the end: clamped");
+}

@@ -145,6 +145,26 @@ fn check_config_rejects_unknown_keys_and_bad_toml() {
     assert!(!err.trim().is_empty());
 }
 
+#[test]
+fn check_config_never_prints_the_source_of_a_syntax_error() {
+    // A bad escape inside an inline secret: the error names the line, not its text.
+    let p = Prepared::new(GatewayCfg::default());
+    let good = fs::read_to_string(&p.config_path).unwrap();
+    let secret = "s3cr3t-never-printed-0123456789abcdef";
+    let bad = good.replacen(
+        "[server]\n",
+        &format!("[server]\nsecret_typo = \"{secret}\\q\"\n"),
+        1,
+    );
+    fs::write(&p.config_path, bad).unwrap();
+    let (code, out, err) = p.run_cli(&["check-config"]);
+    assert_eq!(code, 2, "stdout: {out}\nstderr: {err}");
+    assert!(!err.contains("s3cr3t"), "secret printed: {err}");
+    assert!(!out.contains("s3cr3t"), "secret printed: {out}");
+    assert!(err.contains("line "), "no position: {err}");
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+}
+
 #[tokio::test]
 async fn mint_prints_a_working_path_form_url() {
     let p = Prepared::new(GatewayCfg::default());
