@@ -3,7 +3,7 @@
 //! and shared by every service.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -173,6 +173,9 @@ pub struct Gateway {
     pub hosts: HostMap,
     pub certs: Arc<CertStore>,
     pub revocations: Revocations,
+    /// Id of the last stored revocation applied to `revocations` at start-up: where the
+    /// housekeeping loop goes on reading (rows other nodes add later have larger ids).
+    pub revocations_applied: AtomicI64,
     pub store: Arc<dyn Store>,
     pub signer: AssertionSigner,
     pub metrics: Arc<Metrics>,

@@ -2,7 +2,7 @@
 //! HTTPS proxy, the HTTP listener, the admin listener and the background tasks on pingora.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -108,6 +108,21 @@ async fn refresh_active_gauge(gw: &Gateway, custom_domains: bool) {
         .set(active);
 }
 
+/// Applies the stored revocations with an id above `after`; returns the id of the last one
+/// applied (`after` when there is none). Applying a revocation twice changes nothing.
+async fn apply_revocations(
+    store: &dyn Store,
+    revocations: &Revocations,
+    after: i64,
+) -> Result<i64, crate::store::StoreError> {
+    let mut last = after;
+    for (id, r) in store.revocations_since(after).await? {
+        revocations.apply(&r);
+        last = last.max(id);
+    }
+    Ok(last)
+}
+
 /// Opens the store and prepares everything the services share.
 pub async fn build_gateway(config: Config, metrics: Arc<Metrics>) -> anyhow::Result<Arc<Gateway>> {
     let store: Arc<dyn Store> = match &config.store {
@@ -117,9 +132,7 @@ pub async fn build_gateway(config: Config, metrics: Arc<Metrics>) -> anyhow::Res
         ),
     };
     let revocations = Revocations::default();
-    for (_, r) in store.revocations_since(0).await? {
-        revocations.apply(&r);
-    }
+    let applied = apply_revocations(&*store, &revocations, 0).await?;
     metrics.revocations.set(revocations.len() as i64);
     let (kid, der) = crate::assertion::generate_key()?;
     let (kid, der) = store.signing_key(&kid, &der).await?;
@@ -141,6 +154,7 @@ pub async fn build_gateway(config: Config, metrics: Arc<Metrics>) -> anyhow::Res
         hosts,
         certs,
         revocations,
+        revocations_applied: AtomicI64::new(applied),
         store,
         signer,
         metrics,
@@ -279,10 +293,9 @@ fn listeners_bound(addrs: &[SocketAddr]) -> bool {
 impl BackgroundService for Housekeeping {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         let gw = &self.gw;
-        let mut last_revocation = 0i64;
-        if let Ok(all) = gw.store.revocations_since(0).await {
-            last_revocation = all.last().map(|(id, _)| *id).unwrap_or(0);
-        }
+        // Go on from what build_gateway applied: rows other nodes wrote since then are read
+        // on the first tick, not skipped.
+        let mut last_revocation = gw.revocations_applied.load(Ordering::Acquire);
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
         let mut seconds = 0u64;
@@ -310,12 +323,9 @@ impl BackgroundService for Housekeeping {
                 gw.ready.store(true, Ordering::Release);
                 tracing::info!("listeners bound; ready");
             }
-            match gw.store.revocations_since(last_revocation).await {
-                Ok(new) => {
-                    for (id, r) in new {
-                        gw.revocations.apply(&r);
-                        last_revocation = id;
-                    }
+            match apply_revocations(&*gw.store, &gw.revocations, last_revocation).await {
+                Ok(last) => {
+                    last_revocation = last;
                     gw.metrics.revocations.set(gw.revocations.len() as i64);
                 }
                 Err(e) => tracing::warn!(error = %e, "cannot read revocations"),
@@ -485,6 +495,73 @@ impl ShutdownSignalWatch for DrainingShutdown {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::revocation::Revocation;
+
+    /// A gateway on a fresh SQLite store in `dir`, with tenant `acme`.
+    async fn test_gateway(dir: &std::path::Path) -> Arc<Gateway> {
+        let text = format!(
+            "[server]\nhttps_listen = \"127.0.0.1:0\"\nhttp_listen = \"127.0.0.1:0\"\n\
+             admin_listen = \"127.0.0.1:0\"\nstate_dir = {dir:?}\n\
+             [session]\nsecret = \"{s}\"\n\
+             [[tenants]]\nid = \"acme\"\nupstream = [\"127.0.0.1:9\"]\n\
+             [[tenants.keys]]\nkid = \"k1\"\nalg = \"HS256\"\nsecret = \"{s}\"\n",
+            s = "s".repeat(32)
+        );
+        let config = Config::parse(&text, &dir.join("t.toml")).expect("test config");
+        build_gateway(config, Arc::new(Metrics::new()))
+            .await
+            .expect("gateway")
+    }
+
+    #[tokio::test]
+    async fn revocations_stored_during_start_up_are_applied() {
+        let dir = tempfile::tempdir().unwrap();
+        let jti = |j: &str| Revocation::Jti { jti: j.into() };
+        let revoked = |gw: &Gateway, j: &str| gw.revocations.is_revoked("acme", "u", Some(j), 0);
+        {
+            // A revocation stored before the start is applied by build_gateway.
+            let gw = test_gateway(dir.path()).await;
+            gw.store.add_revocation(&jti("early"), now()).await.unwrap();
+        }
+        let gw = test_gateway(dir.path()).await;
+        assert!(revoked(&gw, "early"));
+        assert_eq!(gw.revocations_applied.load(Ordering::Acquire), 1);
+        // Another node stores one after build_gateway read the store and before the
+        // housekeeping loop starts: the loop's first round applies it.
+        gw.store.add_revocation(&jti("late"), now()).await.unwrap();
+        assert!(!revoked(&gw, "late"));
+        let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let hk = Housekeeping {
+            gw: gw.clone(),
+            listeners: [any; 3],
+            health_round: Arc::default(),
+            custom_domains: false,
+        };
+        let (stop, watch) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(async move { hk.start(watch).await });
+        let mut applied = false;
+        for _ in 0..60 {
+            if revoked(&gw, "late") {
+                applied = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // Later ones still arrive through the loop.
+        gw.store.add_revocation(&jti("later"), now()).await.unwrap();
+        let mut later = false;
+        for _ in 0..60 {
+            if revoked(&gw, "later") {
+                later = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        stop.send(true).unwrap();
+        task.await.unwrap();
+        assert!(applied, "a revocation stored during start-up was skipped");
+        assert!(later, "a revocation stored after start-up was not applied");
+    }
     fn tenant(id: &str, upstream: SocketAddr) -> Arc<Tenant> {
         Arc::new(Tenant::for_test(id, upstream, &[]))
     }
