@@ -247,6 +247,22 @@ struct Housekeeping {
     health_round: Arc<AtomicBool>,
     /// True when the domain manager runs (ACME on at start-up).
     custom_domains: bool,
+    /// The SIGHUP stream `serve` opened first thing: a SIGHUP during start-up neither kills
+    /// the process nor is lost (it reloads once this loop runs).
+    hangup: std::sync::Mutex<Option<tokio::signal::unix::Signal>>,
+}
+
+/// Replaces SIGHUP's default action (terminate) with tokio's handler and returns the stream
+/// of its deliveries, or `None` (logged) when it cannot be installed.
+fn hangup_stream() -> Option<tokio::signal::unix::Signal> {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::hangup()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot install the SIGHUP handler; reloads are off");
+            None
+        }
+    }
 }
 
 /// Tenants whose upstreams one health-check round checks at once.
@@ -297,7 +313,8 @@ impl BackgroundService for Housekeeping {
         // on the first tick, not skipped.
         let mut last_revocation = gw.revocations_applied.load(Ordering::Acquire);
         let mut tick = tokio::time::interval(Duration::from_secs(1));
-        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+        let early = self.hangup.lock().ok().and_then(|mut h| h.take());
+        let mut hup = early.or_else(hangup_stream);
         let mut seconds = 0u64;
         loop {
             tokio::select! {
@@ -343,7 +360,7 @@ impl BackgroundService for Housekeeping {
     }
 }
 
-/// Runs the gateway until SIGTERM/SIGINT; never returns on success.
+/// Runs the gateway until SIGTERM/SIGINT (both graceful); never returns on success.
 pub fn serve(
     config: Config,
     metrics: Arc<Metrics>,
@@ -352,6 +369,10 @@ pub fn serve(
     let startup = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
+    // First of all: until a handler is installed, SIGHUP's default action ends the process
+    // (and systemd's Restart=on-failure does not bring it back). The stream only reads a
+    // process-wide registry, so the housekeeping loop can use it on pingora's runtime.
+    let hangup = startup.block_on(async { hangup_stream() });
     let https = config.server.https_listen;
     let http_addr = config.server.http_listen;
     let admin = config.server.admin_listen;
@@ -407,6 +428,7 @@ pub fn serve(
             listeners: [https, http_addr, admin],
             health_round: Arc::default(),
             custom_domains: domains.is_some(),
+            hangup: std::sync::Mutex::new(hangup),
         },
     );
 
@@ -455,8 +477,8 @@ impl BackgroundService for DomainScheduler {
 /// Longest time SIGTERM waits for in-flight requests.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(25);
 
-/// SIGTERM: stop offering keep-alive, wait until in-flight requests have finished (at most
-/// [`DRAIN_TIMEOUT`]), then let pingora shut down. SIGINT: fast. SIGQUIT: pingora's upgrade.
+/// SIGTERM and SIGINT: stop offering keep-alive, wait until in-flight requests have finished
+/// (at most [`DRAIN_TIMEOUT`]), then let pingora shut down. SIGQUIT: pingora's upgrade.
 struct DrainingShutdown {
     gw: Arc<Gateway>,
 }
@@ -473,22 +495,21 @@ impl ShutdownSignalWatch for DrainingShutdown {
             tracing::error!("cannot install signal handlers");
             return std::future::pending().await;
         };
-        tokio::select! {
-            _ = int.recv() => ShutdownSignal::FastShutdown,
-            _ = quit.recv() => ShutdownSignal::GracefulUpgrade,
-            _ = term.recv() => {
-                self.gw.draining.store(true, Ordering::Release);
-                let n = self.gw.in_flight.load(Ordering::Acquire);
-                tracing::info!(in_flight = n, "SIGTERM: draining in-flight requests");
-                let deadline = tokio::time::Instant::now() + DRAIN_TIMEOUT;
-                while self.gw.in_flight.load(Ordering::Acquire) > 0
-                    && tokio::time::Instant::now() < deadline
-                {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-                ShutdownSignal::GracefulTerminate
-            }
+        let name = tokio::select! {
+            _ = quit.recv() => return ShutdownSignal::GracefulUpgrade,
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        };
+        self.gw.draining.store(true, Ordering::Release);
+        let n = self.gw.in_flight.load(Ordering::Acquire);
+        tracing::info!(in_flight = n, "{name}: draining in-flight requests");
+        let deadline = tokio::time::Instant::now() + DRAIN_TIMEOUT;
+        while self.gw.in_flight.load(Ordering::Acquire) > 0
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        ShutdownSignal::GracefulTerminate
     }
 }
 
@@ -536,6 +557,7 @@ mod tests {
             listeners: [any; 3],
             health_round: Arc::default(),
             custom_domains: false,
+            hangup: std::sync::Mutex::new(None),
         };
         let (stop, watch) = tokio::sync::watch::channel(false);
         let task = tokio::spawn(async move { hk.start(watch).await });

@@ -299,15 +299,55 @@ async fn sigterm_finishes_in_flight_requests_and_exits_0() {
 }
 
 #[tokio::test]
-async fn sigint_exits_0() {
+async fn sigint_finishes_in_flight_requests_and_exits_0() {
+    // SPEC 1: SIGINT stops gracefully, like SIGTERM.
     let mut gw = Gateway::default().await;
-    gw.signal("INT");
-    assert_eq!(
-        gw.wait_exit(Duration::from_secs(15)).await,
-        Some(0),
-        "log:\n{}",
-        gw.log()
+    let client = gw.client();
+    let url = gw.url("acme", "/static/slow");
+    let inflight = tokio::spawn(async move { client.get(url).send().await });
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(
+        gw.upstream("acme").last("/static/slow").is_some(),
+        "request not in flight yet"
     );
+    gw.signal("INT");
+    let r = inflight
+        .await
+        .unwrap()
+        .expect("in-flight request must complete");
+    assert_eq!(r.status(), 200, "log:\n{}", gw.log());
+    assert_eq!(r.text().await.unwrap(), "upstream ok /static/slow");
+    let code = gw.wait_exit(Duration::from_secs(15)).await;
+    assert_eq!(code, Some(0), "log:\n{}", gw.log());
+}
+
+#[tokio::test]
+async fn sighup_during_start_up_neither_stops_the_gateway_nor_is_lost() {
+    let p = Prepared::new(GatewayCfg::default());
+    let db = p.path("state").join("linkgate.db");
+    let mut gw = Gateway::spawn_prepared(p);
+    // The store is opened early in start-up, well before the listeners and background tasks.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !db.exists() {
+        assert!(std::time::Instant::now() < deadline, "store never created");
+        assert!(gw.is_running(), "exited early; log:\n{}", gw.log());
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    gw.signal("HUP");
+    gw.wait_ready().await;
+    assert!(gw.is_running());
+    let reloaded = eventually(Duration::from_secs(5), || async {
+        gw.log().contains("configuration reloaded")
+    })
+    .await;
+    assert!(reloaded, "the early SIGHUP was lost; log:\n{}", gw.log());
+    let r = gw
+        .client()
+        .get(gw.url("acme", "/static/x"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
 }
 
 #[tokio::test]

@@ -836,6 +836,13 @@ impl Gateway {
     }
 
     pub async fn start_prepared(p: Prepared) -> Gateway {
+        let mut gw = Self::spawn_prepared(p);
+        gw.wait_ready().await;
+        gw
+    }
+
+    /// Starts the gateway process without waiting for it to be ready (see `wait_ready`).
+    pub fn spawn_prepared(p: Prepared) -> Gateway {
         let log_path = p.path("gateway.log");
         let log = fs::File::create(&log_path).unwrap();
         let child = Command::new(bin())
@@ -855,16 +862,15 @@ impl Gateway {
             .stderr(log)
             .spawn()
             .expect("spawn linkgate");
-        let mut gw = Gateway {
+        Gateway {
             p,
             child: Some(child),
             log_path,
-        };
-        gw.wait_ready().await;
-        gw
+        }
     }
 
-    async fn wait_ready(&mut self) {
+    /// Waits (up to 20 s) until `/readyz` answers 200; panics if the process exits first.
+    pub async fn wait_ready(&mut self) {
         let client = reqwest::Client::builder()
             .no_proxy()
             .timeout(Duration::from_secs(2))
