@@ -86,20 +86,80 @@ fn invalid_body(e: impl std::fmt::Display) -> Response<Vec<u8>> {
     error(400, "invalid_body", format!("invalid body: {e}"))
 }
 
-/// A duration given as a string (`"1h"`) or a number of seconds.
-#[derive(Deserialize)]
-#[serde(untagged)]
+/// Parses a JSON request body; a refusal names the field at fault (`ttl`, `claims.x`).
+fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Response<Vec<u8>>> {
+    let de = &mut serde_json::Deserializer::from_slice(body);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if path == "." || path.is_empty() {
+            invalid_body(inner)
+        } else {
+            invalid_body(format!("`{path}`: {inner}"))
+        }
+    })
+}
+
+/// A duration given as a string (`"1h"`) or a whole number of seconds.
 enum TtlArg {
     Secs(u64),
     Text(String),
 }
 
-/// A time given as RFC 3339 or Unix seconds.
-#[derive(Deserialize)]
-#[serde(untagged)]
+impl<'de> Deserialize<'de> for TtlArg {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = TtlArg;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a duration such as \"1h\" or whole seconds")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<TtlArg, E> {
+                Ok(TtlArg::Secs(v))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<TtlArg, E> {
+                Ok(TtlArg::Text(v.to_string()))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// A time given as RFC 3339 or whole Unix seconds.
 enum TimeArg {
     Secs(i64),
     Text(String),
+}
+
+impl<'de> Deserialize<'de> for TimeArg {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = TimeArg;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an RFC 3339 time or whole Unix seconds")
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<TimeArg, E> {
+                Ok(TimeArg::Secs(v))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<TimeArg, E> {
+                i64::try_from(v)
+                    .map(TimeArg::Secs)
+                    .map_err(|_| E::invalid_value(serde::de::Unexpected::Unsigned(v), &self))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<TimeArg, E> {
+                Ok(TimeArg::Text(v.to_string()))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// Unix seconds of an RFC 3339 time (any offset; fractions of a second dropped).
+fn parse_rfc3339(s: &str) -> Option<i64> {
+    time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+        .ok()
+        .map(|t| t.unix_timestamp())
 }
 
 #[derive(Deserialize)]
@@ -164,9 +224,9 @@ impl AdminApi {
         };
         match (method, host.as_str(), action) {
             (Method::POST, "", "") => {
-                let b: DomainBody = match serde_json::from_slice(body) {
+                let b: DomainBody = match parse_body(body) {
                     Ok(b) => b,
-                    Err(e) => return invalid_body(e),
+                    Err(resp) => return resp,
                 };
                 match dm.create(&b.hostname, &b.tenant).await {
                     Ok(row) => json_response(201, &dm.view(&row)),
@@ -261,9 +321,9 @@ impl AdminApi {
     }
 
     fn create_link(&self, body: &[u8]) -> Response<Vec<u8>> {
-        let b: LinkBody = match serde_json::from_slice(body) {
+        let b: LinkBody = match parse_body(body) {
             Ok(b) => b,
-            Err(e) => return invalid_body(e),
+            Err(resp) => return resp,
         };
         let config = self.gw.config.load();
         if config.tenant(&b.tenant).is_none() {
@@ -320,20 +380,17 @@ impl AdminApi {
     }
 
     async fn create_revocation(&self, body: &[u8]) -> Response<Vec<u8>> {
-        let b: RevocationBody = match serde_json::from_slice(body) {
+        let b: RevocationBody = match parse_body(body) {
             Ok(b) => b,
-            Err(e) => return invalid_body(e),
+            Err(resp) => return resp,
         };
         let now = now();
         let before = match b.before {
             None => now,
             Some(TimeArg::Secs(s)) => s,
-            Some(TimeArg::Text(t)) => match humantime::parse_rfc3339_weak(&t) {
-                Ok(t) => t
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_secs() as i64)
-                    .unwrap_or(0),
-                Err(_) => return invalid_body("`before` must be RFC 3339 or Unix seconds"),
+            Some(TimeArg::Text(t)) => match parse_rfc3339(&t) {
+                Some(secs) => secs,
+                None => return invalid_body("`before` must be RFC 3339 or Unix seconds"),
             },
         };
         let config = self.gw.config.load();

@@ -215,6 +215,25 @@ async fn post_links_errors() {
         v["message"].as_str().unwrap().contains("form"),
         "message names the field: {v}"
     );
+    // Type errors, also inside values that take several forms, name the field.
+    for (body, field) in [
+        (json!({"tenant": 5, "sub": "a"}), "tenant"),
+        (json!({"tenant": "acme", "sub": "a", "ttl": 1.5}), "ttl"),
+        (json!({"tenant": "acme", "sub": "a", "ttl": -3}), "ttl"),
+        (json!({"tenant": "acme", "sub": "a", "claims": 5}), "claims"),
+        (
+            json!({"tenant": "acme", "sub": "a", "one_time": "yes"}),
+            "one_time",
+        ),
+    ] {
+        let r = gw.admin_post("/v1/links", &body).await;
+        let v = expect_admin_error(r, 400, "invalid_body").await;
+        let m = v["message"].as_str().unwrap();
+        assert!(
+            m.contains(&format!("`{field}`")),
+            "{body}: message does not name `{field}`: {v}"
+        );
+    }
     let r = gw
         .admin(Method::POST, "/v1/links")
         .header("content-type", "application/json")
@@ -464,6 +483,19 @@ async fn revocation_bad_bodies() {
         let r = gw.admin_post("/v1/revocations", &body).await;
         expect_admin_error(r, 400, "invalid_body").await;
     }
+    for (body, field) in [
+        (json!({"tenant": ["acme"]}), "tenant"),
+        (json!({"tenant": "acme", "before": 1.5}), "before"),
+        (json!({"tenant": "acme", "before": true}), "before"),
+    ] {
+        let r = gw.admin_post("/v1/revocations", &body).await;
+        let v = expect_admin_error(r, 400, "invalid_body").await;
+        let m = v["message"].as_str().unwrap();
+        assert!(
+            m.contains(&format!("`{field}`")),
+            "{body}: message does not name `{field}`: {v}"
+        );
+    }
     let r = gw
         .admin(Method::POST, "/v1/revocations")
         .header("content-type", "application/json")
@@ -480,5 +512,42 @@ async fn healthz_and_readyz() {
     for p in ["/healthz", "/readyz"] {
         let r = plain_client().get(gw.admin_url(p)).send().await.unwrap();
         assert_eq!(r.status(), 200, "{p}");
+    }
+}
+
+#[tokio::test]
+async fn revocation_before_accepts_any_rfc3339_offset() {
+    // 2026-12-03T08:00:00Z = 1796284800, written several ways.
+    let gw = Gateway::default().await;
+    for (before, want) in [
+        ("2026-12-03T08:00:00Z", 1_796_284_800),
+        ("2026-12-03T10:00:00+02:00", 1_796_284_800),
+        ("2026-12-03T03:30:00-04:30", 1_796_284_800),
+        ("2026-12-03T10:00:00.750+02:00", 1_796_284_800),
+        ("2026-12-03t08:00:00.1z", 1_796_284_800),
+    ] {
+        let r = gw
+            .admin_post(
+                "/v1/revocations",
+                &json!({"tenant": "acme", "sub": "zed", "before": before}),
+            )
+            .await;
+        let st = r.status();
+        let v: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(st, 201, "{before}: {v}");
+        assert_eq!(v["before"], want, "{before}: {v}");
+    }
+    for before in [
+        "2026-12-03 08:00:00",
+        "2026-12-03T08:00:00",
+        "2026-13-03T08:00:00Z",
+    ] {
+        let r = gw
+            .admin_post(
+                "/v1/revocations",
+                &json!({"tenant": "acme", "before": before}),
+            )
+            .await;
+        expect_admin_error(r, 400, "invalid_body").await;
     }
 }
