@@ -86,16 +86,16 @@ fn invalid_body(e: impl std::fmt::Display) -> Response<Vec<u8>> {
     error(400, "invalid_body", format!("invalid body: {e}"))
 }
 
-/// Parses a JSON request body; a refusal names the field at fault (`ttl`, `claims.x`).
-fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Response<Vec<u8>>> {
+/// Parses a JSON request body; the error names the field at fault (`ttl`, `claims.x`).
+fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, String> {
     let de = &mut serde_json::Deserializer::from_slice(body);
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
         if path == "." || path.is_empty() {
-            invalid_body(inner)
+            inner.to_string()
         } else {
-            invalid_body(format!("`{path}`: {inner}"))
+            format!("`{path}`: {inner}")
         }
     })
 }
@@ -226,7 +226,7 @@ impl AdminApi {
             (Method::POST, "", "") => {
                 let b: DomainBody = match parse_body(body) {
                     Ok(b) => b,
-                    Err(resp) => return resp,
+                    Err(e) => return invalid_body(e),
                 };
                 match dm.create(&b.hostname, &b.tenant).await {
                     Ok(row) => json_response(201, &dm.view(&row)),
@@ -323,7 +323,7 @@ impl AdminApi {
     fn create_link(&self, body: &[u8]) -> Response<Vec<u8>> {
         let b: LinkBody = match parse_body(body) {
             Ok(b) => b,
-            Err(resp) => return resp,
+            Err(e) => return invalid_body(e),
         };
         let config = self.gw.config.load();
         if config.tenant(&b.tenant).is_none() {
@@ -382,7 +382,7 @@ impl AdminApi {
     async fn create_revocation(&self, body: &[u8]) -> Response<Vec<u8>> {
         let b: RevocationBody = match parse_body(body) {
             Ok(b) => b,
-            Err(resp) => return resp,
+            Err(e) => return invalid_body(e),
         };
         let now = now();
         let before = match b.before {
