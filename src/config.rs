@@ -276,6 +276,7 @@ impl Config {
         })?;
         let mut v = Validator {
             problems: Vec::new(),
+            masked: Vec::new(),
         };
         let config = v.config(root, path);
         if v.problems.is_empty() {
@@ -355,36 +356,144 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 
 struct Validator {
     problems: Vec<String>,
+    /// Paths whose value was missing or bad and was replaced by a placeholder to check the
+    /// rest of its table: problems under them are consequences, not reported again.
+    masked: Vec<String>,
+}
+
+/// Values tried in turn in place of a missing or bad one, until its table deserializes.
+fn placeholders() -> [toml::Value; 5] {
+    [
+        toml::Value::String(String::new()),
+        toml::Value::Array(Vec::new()),
+        toml::Value::Table(toml::Table::new()),
+        toml::Value::Integer(0),
+        toml::Value::Boolean(false),
+    ]
+}
+
+/// The text between `prefix` and the next backtick of `msg`, when `msg` starts with `prefix`.
+fn quoted_after<'a>(msg: &'a str, prefix: &str) -> Option<&'a str> {
+    msg.strip_prefix(prefix)?.split_once('`').map(|(k, _)| k)
+}
+
+/// The value at `segments` under `v`.
+fn value_at<'a>(
+    mut v: &'a mut toml::Value,
+    segments: &[serde_path_to_error::Segment],
+) -> Option<&'a mut toml::Value> {
+    use serde_path_to_error::Segment;
+    for s in segments {
+        v = match (s, v) {
+            (Segment::Map { key }, toml::Value::Table(t)) => t.get_mut(key)?,
+            (Segment::Seq { index }, toml::Value::Array(a)) => a.get_mut(*index)?,
+            _ => return None,
+        };
+    }
+    Some(v)
+}
+
+/// `path` followed by `segments` as written in the file: `tenants[0].headers.sub`.
+fn join_path(path: &str, segments: &[serde_path_to_error::Segment]) -> String {
+    use serde_path_to_error::Segment;
+    let mut out = path.to_string();
+    for s in segments {
+        match s {
+            Segment::Seq { index } => out.push_str(&format!("[{index}]")),
+            Segment::Map { key } | Segment::Enum { variant: key } => {
+                out.push('.');
+                out.push_str(key);
+            }
+            Segment::Unknown => out.push_str(".?"),
+        }
+    }
+    out
 }
 
 impl Validator {
     fn err(&mut self, path: impl std::fmt::Display, msg: impl std::fmt::Display) {
-        self.problems.push(format!("{path}: {msg}"));
+        let path = path.to_string();
+        if !self.is_masked(&path) {
+            self.problems.push(format!("{path}: {msg}"));
+        }
     }
 
-    /// Deserializes one table, reporting type/unknown-key errors against `path`.
-    fn section<T: DeserializeOwned>(&mut self, value: toml::Value, path: &str) -> Option<T> {
-        match T::deserialize(value) {
-            Ok(v) => Some(v),
-            Err(e) => {
-                let msg = one_line(e.message());
-                // Unknown fields: name the key precisely.
-                if let Some(rest) = msg.strip_prefix("unknown field `") {
-                    if let Some((key, _)) = rest.split_once('`') {
-                        self.err(format!("{path}.{key}"), "unknown key");
-                        return None;
-                    }
+    /// True when `path` is a masked path or under one.
+    fn is_masked(&self, path: &str) -> bool {
+        self.masked.iter().any(|m| {
+            path.strip_prefix(m.as_str())
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with(['.', '[']))
+        })
+    }
+
+    /// Deserializes one table, reporting every unknown key, missing key and bad value by its
+    /// path. Unknown keys are dropped and missing or bad values replaced by placeholders
+    /// (masked) until the table deserializes, so the caller can go on checking the rest of it;
+    /// `None` only when the value cannot be made to fit at all (not a table, say).
+    fn section<T: DeserializeOwned>(&mut self, mut value: toml::Value, path: &str) -> Option<T> {
+        use std::collections::HashMap;
+        // Placeholders tried per path; every round fixes one key, so this bounds the work.
+        let mut tried: HashMap<String, usize> = HashMap::new();
+        for _ in 0..1000 {
+            let e = match serde_path_to_error::deserialize::<_, T>(value.clone()) {
+                Ok(v) => return Some(v),
+                Err(e) => e,
+            };
+            let mut segments: Vec<_> = e.path().iter().cloned().collect();
+            let msg = one_line(e.inner().message());
+            if let Some(key) = quoted_after(&msg, "unknown field `") {
+                if matches!(segments.last(), Some(serde_path_to_error::Segment::Map { key: k }) if k == key)
+                {
+                    segments.pop();
                 }
-                if let Some(rest) = msg.strip_prefix("missing field `") {
-                    if let Some((key, _)) = rest.split_once('`') {
-                        self.err(format!("{path}.{key}"), "required");
-                        return None;
-                    }
+                let at = join_path(path, &segments);
+                let removed = match value_at(&mut value, &segments) {
+                    Some(toml::Value::Table(t)) => t.remove(key).is_some(),
+                    _ => false,
+                };
+                self.err(format!("{at}.{key}"), "unknown key");
+                if !removed {
+                    return None;
                 }
-                self.err(path, msg);
-                None
+                continue;
             }
+            let missing = quoted_after(&msg, "missing field `").map(str::to_string);
+            let at = match &missing {
+                Some(key) => format!("{}.{key}", join_path(path, &segments)),
+                None => join_path(path, &segments),
+            };
+            let n = tried.entry(at.clone()).or_insert(0);
+            if *n == 0 {
+                let why = match &missing {
+                    Some(_) => "required".to_string(),
+                    // A secret's value is never quoted, even a mistyped one.
+                    None if at
+                        .rsplit('.')
+                        .next()
+                        .is_some_and(|k| k.starts_with("secret")) =>
+                    {
+                        "must be a string".to_string()
+                    }
+                    None => msg.clone(),
+                };
+                self.err(&at, why);
+                self.masked.push(at.clone());
+            }
+            let placeholder = placeholders().into_iter().nth(*n)?;
+            *n += 1;
+            let slot = match &missing {
+                Some(key) => match value_at(&mut value, &segments) {
+                    Some(toml::Value::Table(t)) => {
+                        t.entry(key.clone()).or_insert(placeholder.clone())
+                    }
+                    _ => return None,
+                },
+                None if segments.is_empty() => return None,
+                None => value_at(&mut value, &segments)?,
+            };
+            *slot = placeholder;
         }
+        None
     }
 
     fn duration(&mut self, v: Option<String>, default: &str, path: &str) -> Duration {
@@ -683,10 +792,14 @@ impl Validator {
         let mut ids = HashSet::new();
         for (i, t) in tenants.into_iter().enumerate() {
             let p = format!("tenants[{i}]");
-            if let Some(t) = self.section::<raw::Tenant>(t, &p) {
-                if !ids.insert(t.id.clone()) {
-                    self.err(format!("{p}.id"), format!("duplicate tenant id `{}`", t.id));
+            // The id is recorded before the table is checked: a problem elsewhere in it must
+            // not make its domains look like they name no tenant.
+            if let Some(id) = t.get("id").and_then(toml::Value::as_str) {
+                if !ids.insert(id.to_string()) {
+                    self.err(format!("{p}.id"), format!("duplicate tenant id `{id}`"));
                 }
+            }
+            if let Some(t) = self.section::<raw::Tenant>(t, &p) {
                 if let Some(t) = self.tenant(t, &p, default_ttl) {
                     tenant_cfgs.push(t);
                 }

@@ -71,7 +71,8 @@ tenant = "ghost"
     let all = e.problems.join("\n");
     for needle in [
         "bogus: unknown key",
-        "server:",
+        "server.https_listen:",
+        "server.threads: invalid type",
         "session.secret_file: must hold at least 32 bytes",
         "tenants[0].id:",
         "tenants[0].confirm:",
@@ -151,4 +152,109 @@ fn line_column_counts_characters() {
     );
     assert_eq!(line_column("é\nx", 2), (1, 2));
     assert_eq!(line_column("ab", 99), (1, 3), "past the end: clamped");
+}
+
+/// A valid base: session secret and tenant `acme` with one key; `extra` is appended.
+fn with_base(extra: &str) -> String {
+    format!(
+        "[session]\nsecret = \"{s}\"\n[[tenants]]\nid = \"acme\"\nupstream = [\"127.0.0.1:1\"]\n\
+         [[tenants.keys]]\nkid = \"k1\"\nalg = \"HS256\"\nsecret = \"{s}\"\n{extra}",
+        s = "x".repeat(32)
+    )
+}
+
+fn problems(text: &str) -> Vec<String> {
+    Config::parse(text, Path::new("t.toml"))
+        .err()
+        .map(|e| e.problems)
+        .unwrap_or_default()
+}
+
+#[test]
+fn type_errors_are_named_by_their_key_path() {
+    let p = problems("[server]\nthreads = \"many\"\n[session]\nsecret = 5\n");
+    assert!(
+        p.iter()
+            .any(|l| l.starts_with("server.threads: invalid type: string \"many\"")),
+        "{p:#?}"
+    );
+    assert!(
+        p.iter().any(|l| l == "session.secret: must be a string"),
+        "{p:#?}"
+    );
+    assert!(!p.iter().any(|l| l.starts_with("server:")), "{p:#?}");
+    // No follow-on problem for the replaced values (secret too short, say).
+    assert_eq!(p.len(), 2, "{p:#?}");
+}
+
+#[test]
+fn every_unknown_key_of_a_table_is_reported() {
+    let p = problems(&format!(
+        "[server]\nbogus_one = 1\nthreads = 2\nbogus_two = \"x\"\n{}",
+        with_base("")
+    ));
+    assert_eq!(
+        p,
+        [
+            "server.bogus_one: unknown key",
+            "server.bogus_two: unknown key"
+        ],
+        "{p:#?}"
+    );
+}
+
+#[test]
+fn a_problem_in_a_tenant_table_does_not_hide_its_other_problems() {
+    let text = format!(
+        "[session]\nsecret = \"{s}\"\n[[tenants]]\nid = \"acme\"\nupstream = [\"127.0.0.1:1\"]\n\
+         bogus = 1\nconfirm = \"sometimes\"\nupstream_tls = \"yes\"\nheaders = {{ sub = 5 }}\n\
+         branding = {{ color = \"red\", buttons = [{{ label = \"a\", url = \"/b\", x = 1 }}] }}\n\
+         [[tenants.keys]]\nkid = \"k1\"\nalg = \"HS256\"\nsecret = \"short\"\n\
+         [[domains]]\nhostname = \"links.acme.test\"\ntenant = \"acme\"\n",
+        s = "x".repeat(32)
+    );
+    let p = problems(&text);
+    let all = p.join("\n");
+    for needle in [
+        "tenants[0].bogus: unknown key",
+        "tenants[0].upstream_tls: invalid type",
+        "tenants[0].headers.sub: invalid type",
+        "tenants[0].branding.buttons[0].x: unknown key",
+        "tenants[0].confirm: `sometimes` is not one of",
+        "tenants[0].branding.color: must be",
+        "tenants[0].keys[0].secret: must hold at least 32 bytes",
+    ] {
+        assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
+    }
+    assert!(
+        !all.contains("domains[0].tenant"),
+        "false `no tenant` line:\n{all}"
+    );
+}
+
+#[test]
+fn every_missing_key_is_reported_once() {
+    let p = problems(&with_base("[[domains]]\n[[tenants]]\nupstream = 5\n"));
+    let all = p.join("\n");
+    for needle in [
+        "domains[0].hostname: required",
+        "domains[0].tenant: required",
+        "tenants[1].id: required",
+        "tenants[1].upstream: invalid type",
+    ] {
+        assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
+    }
+    // Nothing about the placeholders put in their place.
+    assert_eq!(p.len(), 5, "{all}");
+    assert!(
+        all.contains("tenants[1].keys: at least one key is required"),
+        "{all}"
+    );
+}
+
+#[test]
+fn a_table_that_is_not_a_table_is_one_problem() {
+    let p = problems(&format!("server = 5\n{}", with_base("")));
+    assert_eq!(p.len(), 1, "{p:#?}");
+    assert!(p[0].starts_with("server: invalid type"), "{p:#?}");
 }
