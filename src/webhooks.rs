@@ -80,12 +80,20 @@ pub fn is_private(ip: IpAddr) -> bool {
         }
         IpAddr::V6(v6) => {
             let s = v6.segments();
+            let o = v6.octets();
+            let embedded = |a: usize| IpAddr::from([o[a], o[a + 1], o[a + 2], o[a + 3]]);
             v6.is_loopback()
                 || v6.is_unspecified()
                 || v6.is_multicast()
                 || (s[0] & 0xfe00) == 0xfc00
                 || (s[0] & 0xffc0) == 0xfe80
                 || (s[0] == 0x2001 && s[1] == 0x0db8)
+                // NAT64 (64:ff9b::/96, RFC 6052): a translator reaches the IPv4 address in
+                // the last 32 bits. The local-use prefix 64:ff9b:1::/48 (RFC 8215) is private.
+                || (s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] && is_private(embedded(12)))
+                || (s[0] == 0x64 && s[1] == 0xff9b && s[2] == 1)
+                // 6to4 (2002::/16, RFC 3056): the relay reaches the IPv4 address in bits 16-47.
+                || (s[0] == 0x2002 && is_private(embedded(2)))
         }
     }
 }
@@ -160,8 +168,10 @@ impl Dispatcher {
             .ok_or(AttemptError::Gone)?;
         let allow_private = config.webhooks.allow_private_targets;
         let (host, addr) = self.target(&d.msg.url, allow_private).await?;
-        // The connection goes to the address just checked: no second lookup, no redirects.
+        // The connection goes to the address just checked: no second lookup, no redirects,
+        // and no proxy from HTTP(S)_PROXY/ALL_PROXY (it would connect wherever it likes).
         let client = reqwest::Client::builder()
+            .no_proxy()
             .redirect(reqwest::redirect::Policy::none())
             .timeout(config.webhooks.timeout)
             .resolve(&host, addr)
@@ -276,6 +286,28 @@ mod tests {
             assert!(is_private(ip.parse().unwrap()), "{ip}");
         }
         for ip in ["1.1.1.1", "8.8.8.8", "2606:4700::1111"] {
+            assert!(!is_private(ip.parse().unwrap()), "{ip}");
+        }
+    }
+
+    #[test]
+    fn ipv6_forms_of_private_ipv4_addresses() {
+        for ip in [
+            // NAT64, well-known prefix: 127.0.0.1, 10.0.0.1, 169.254.169.254, 192.168.1.1
+            "64:ff9b::7f00:1",
+            "64:ff9b::a00:1",
+            "64:ff9b::169.254.169.254",
+            "64:ff9b::c0a8:101",
+            // NAT64 local-use prefix: private whatever it embeds.
+            "64:ff9b:1::8.8.8.8",
+            // 6to4: 127.0.0.1, 10.0.0.1, 169.254.169.254
+            "2002:7f00:1::",
+            "2002:a00:1::1",
+            "2002:a9fe:a9fe::",
+        ] {
+            assert!(is_private(ip.parse().unwrap()), "{ip}");
+        }
+        for ip in ["64:ff9b::808:808", "64:ff9b::1.1.1.1", "2002:808:808::1"] {
             assert!(!is_private(ip.parse().unwrap()), "{ip}");
         }
     }

@@ -539,3 +539,41 @@ async fn webhook_only_for_subscribed_events() {
     );
     assert_eq!(metric_value(&gw, "error").await, 0.0);
 }
+
+#[tokio::test]
+async fn proxy_environment_variables_are_ignored() {
+    // A proxy from the environment would connect wherever it likes, past the address check.
+    let proxy = Receiver::start(200, None);
+    let target = Receiver::start(200, None);
+    let secret = "whsec-no-proxy-0123456789ab";
+    let mut p = prepare(
+        &[Hook::new(target.url("/hook"), &["link.redeemed"], secret)],
+        true,
+    );
+    let proxy_url = format!("http://{}", proxy.addr);
+    for var in [
+        "HTTP_PROXY",
+        "http_proxy",
+        "HTTPS_PROXY",
+        "https_proxy",
+        "ALL_PROXY",
+        "all_proxy",
+    ] {
+        p.env.push((var.to_string(), proxy_url.clone()));
+    }
+    let gw = Gateway::start_prepared(p).await;
+    let c = claims("alice");
+    gw.redeem("acme", &gw.token("acme", &c)).await;
+    let got = eventually(Duration::from_secs(8), || async {
+        !target.requests().is_empty() || !proxy.requests().is_empty()
+    })
+    .await;
+    assert!(got, "nothing delivered; log:\n{}", gw.log());
+    assert!(
+        proxy.requests().is_empty(),
+        "the webhook went through the proxy:\n{}",
+        proxy.requests()[0].dump()
+    );
+    let b = verify(&target.requests()[0], secret.as_bytes());
+    assert_eq!(b["data"]["jti"], c["jti"]);
+}
