@@ -199,12 +199,19 @@ impl AdminApi {
             Some((h, a)) => (h.to_ascii_lowercase(), a),
             None => (rest.to_ascii_lowercase(), ""),
         };
+        // `[[domains]]` entries a `[[certificates]]` entry covers. The others go through the
+        // DNS and ACME flow and are listed from the store (with ACME off they cannot exist).
         let statics = || {
-            self.gw
-                .config
-                .load()
+            let config = self.gw.config.load();
+            config
                 .domains
                 .iter()
+                .filter(|d| {
+                    config
+                        .certificates
+                        .iter()
+                        .any(|c| c.hostnames.contains(&d.hostname))
+                })
                 .filter_map(|d| self.static_domain(&d.hostname))
                 .collect::<Vec<Value>>()
         };

@@ -837,3 +837,30 @@ async fn sighup_keeps_serving_domains_made_active_through_the_api() {
         .await
         .is_ok());
 }
+
+#[tokio::test]
+async fn config_domains_are_listed_once() {
+    // `links.extra.test` is a [[domains]] entry without a static certificate: it goes through
+    // the DNS and ACME flow (a store row) and must not also be listed as a static domain.
+    let env = DomainEnv::start_with(DomainOpts {
+        extra_toml: "\n[[domains]]\nhostname = \"links.extra.test\"\ntenant = \"acme\"\n".into(),
+        ..DomainOpts::default()
+    })
+    .await;
+    let list = env.list_domains().await;
+    let all = list["domains"].as_array().expect("domains list");
+    let count = |h: &str| all.iter().filter(|d| d["hostname"] == h).count();
+    assert_eq!(count("links.extra.test"), 1, "{list}");
+    assert_eq!(count("links.acme.test"), 1, "{list}");
+    let extra = all
+        .iter()
+        .find(|d| d["hostname"] == "links.extra.test")
+        .unwrap();
+    assert_eq!(extra["state"], "pending_ownership", "{list}");
+    assert_eq!(extra["records"].as_array().map(Vec::len), Some(2), "{list}");
+    let stat = all
+        .iter()
+        .find(|d| d["hostname"] == "links.acme.test")
+        .unwrap();
+    assert_eq!(stat["state"], "active", "{list}");
+}

@@ -632,6 +632,8 @@ pub struct DomainOpts {
     pub orders_per_minute: u32,
     /// Tenant ids (each a default [`TenantCfg`]).
     pub tenants: Vec<&'static str>,
+    /// Raw TOML appended to the config (e.g. more `[[domains]]`).
+    pub extra_toml: String,
 }
 
 impl Default for DomainOpts {
@@ -640,6 +642,7 @@ impl Default for DomainOpts {
             renew_before: "30d".into(),
             orders_per_minute: 10,
             tenants: vec!["acme"],
+            extra_toml: String::new(),
         }
     }
 }
@@ -675,6 +678,7 @@ impl DomainEnv {
             q(EDGE_TARGET),
             q(VERIFY_ZONE),
         );
+        cfg.tail += &opts.extra_toml;
         let p = Prepared::new(cfg);
         pebble.start(p.http_port).await;
         let gw = Gateway::start_prepared(p).await;
