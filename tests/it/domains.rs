@@ -782,6 +782,8 @@ async fn domain_paths_accept_every_spelling_of_the_name() {
         .await
         .unwrap();
     expect_admin_error(r, 404, "not_found").await;
+}
+
 #[tokio::test]
 async fn sighup_keeps_serving_domains_made_active_through_the_api() {
     let env = DomainEnv::start().await;
