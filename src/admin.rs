@@ -195,9 +195,19 @@ impl AdminApi {
         let rest = path
             .trim_start_matches("/v1/domains")
             .trim_start_matches('/');
-        let (host, action) = match rest.split_once('/') {
-            Some((h, a)) => (h.to_ascii_lowercase(), a),
-            None => (rest.to_ascii_lowercase(), ""),
+        let (raw_host, action) = rest.split_once('/').unwrap_or((rest, ""));
+        // Any spelling of a name (case, trailing dot, percent-escapes, IDNA) finds the domain;
+        // a name that cannot be one finds nothing.
+        let host = if raw_host.is_empty() {
+            String::new()
+        } else {
+            let config = self.gw.config.load();
+            crate::domains::path_hostname(
+                raw_host,
+                &config.dns.edge_target,
+                &config.dns.verify_zone,
+            )
+            .unwrap_or_else(|| raw_host.to_ascii_lowercase())
         };
         // `[[domains]]` entries a `[[certificates]]` entry covers. The others go through the
         // DNS and ACME flow and are listed from the store (with ACME off they cannot exist).

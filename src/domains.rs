@@ -335,7 +335,16 @@ impl DomainManager {
     /// Loads every stored certificate into the SNI map (before the listeners accept), and
     /// registers `[[domains]]` entries that have no static certificate.
     pub async fn load(&self) -> anyhow::Result<usize> {
-        let config = self.gw.config.load();
+        self.onboard_config_domains(&self.gw.config.load()).await?;
+        let rows = self.gw.store.domains().await?;
+        let served = rows.iter().filter(|d| self.publish(d, true)).count();
+        self.refresh_gauge().await;
+        Ok(served)
+    }
+
+    /// Stores a pending domain for each `[[domains]]` entry of `config` that no static
+    /// certificate covers; rows already stored are kept as they are.
+    async fn onboard_config_domains(&self, config: &Config) -> anyhow::Result<()> {
         let now = now();
         for d in &config.domains {
             if self.gw.certs.contains(&d.hostname) {
@@ -344,10 +353,7 @@ impl DomainManager {
             let row = self.pending_row(&d.hostname, &d.tenant, now);
             self.gw.store.insert_domain(&row).await?;
         }
-        let rows = self.gw.store.domains().await?;
-        let served = rows.iter().filter(|d| self.publish(d, true)).count();
-        self.refresh_gauge().await;
-        Ok(served)
+        Ok(())
     }
 
     async fn refresh_gauge(&self) {
@@ -651,10 +657,24 @@ impl DomainManager {
         let _ = self.runtime.set(tokio::runtime::Handle::current());
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         let limit = Arc::new(tokio::sync::Semaphore::new(32));
+        let mut config = self.gw.config.load_full();
         loop {
             tokio::select! {
                 _ = shutdown.changed() => return,
                 _ = tick.tick() => {}
+            }
+            // A reload (SIGHUP) may have added `[[domains]]` entries: they start onboarding.
+            let current = self.gw.config.load_full();
+            if !Arc::ptr_eq(&current, &config) {
+                match self.onboard_config_domains(&current).await {
+                    Ok(()) => {
+                        config = current;
+                        self.refresh_gauge().await;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot store domains of the reloaded config")
+                    }
+                }
             }
             let due = match self.gw.store.due_domains(now(), 256).await {
                 Ok(d) => d,

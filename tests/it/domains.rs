@@ -865,4 +865,48 @@ async fn config_domains_are_listed_once() {
         .find(|d| d["hostname"] == "links.acme.test")
         .unwrap();
     assert_eq!(stat["state"], "active", "{list}");
+    // The static domain is found by any spelling of its name, as stored domains are.
+    for spelling in ["links.acme.test", "LINKS.Acme.test.", "links%2Eacme.test"] {
+        let body = env.get_domain(spelling).await;
+        assert_eq!(body["hostname"], "links.acme.test", "{spelling}");
+    }
+}
+
+#[tokio::test]
+async fn sighup_onboards_config_domains_it_adds() {
+    let mut env = DomainEnv::start().await;
+    let host = "links.added.test";
+    env.gw.p.cfg.tail += &format!("\n[[domains]]\nhostname = \"{host}\"\ntenant = \"acme\"\n");
+    env.gw.p.write_config();
+    assert_eq!(env.gw.reload().await, Some(true), "{}", env.diag());
+    // Stored within a scheduler tick, then onboarded like a domain made through the API.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = env
+            .gw
+            .admin(reqwest::Method::GET, &format!("/v1/domains/{host}"))
+            .send()
+            .await
+            .unwrap();
+        if r.status() == 200 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{host} never stored\n{}",
+            env.diag()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let d = env
+        .wait_for(host, "checked", STEP_TIMEOUT, |d| {
+            d["records"].as_array().is_some_and(|r| r.len() == 2)
+        })
+        .await;
+    assert_eq!(d["state"], "pending_ownership", "{d}");
+    env.set_ownership(&d).await;
+    env.set_routing(host).await;
+    env.wait_state(host, "active", Duration::from_secs(60))
+        .await;
+    assert!(env.served(host).await.is_ok(), "{}", env.diag());
 }
