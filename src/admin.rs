@@ -214,14 +214,7 @@ impl AdminApi {
         let statics = || {
             let config = self.gw.config.load();
             config
-                .domains
-                .iter()
-                .filter(|d| {
-                    config
-                        .certificates
-                        .iter()
-                        .any(|c| c.hostnames.contains(&d.hostname))
-                })
+                .static_domains()
                 .filter_map(|d| self.static_domain(&d.hostname))
                 .collect::<Vec<Value>>()
         };

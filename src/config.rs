@@ -258,6 +258,16 @@ pub const WEBHOOK_EVENTS: [&str; 4] = [
 // === loading ===
 
 impl Config {
+    /// The `[[domains]]` entries a `[[certificates]]` entry covers (served with a static
+    /// certificate; the others go through DNS checks and ACME).
+    pub fn static_domains(&self) -> impl Iterator<Item = &DomainConfig> {
+        self.domains.iter().filter(|d| {
+            self.certificates
+                .iter()
+                .any(|c| c.hostnames.contains(&d.hostname))
+        })
+    }
+
     /// Reads and validates the file at `path`, reporting every problem at once.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = read_limited(path, MAX_CONFIG_BYTES).map_err(|e| ConfigError {

@@ -361,16 +361,7 @@ impl DomainManager {
             return;
         };
         let config = self.gw.config.load();
-        let static_active = config
-            .domains
-            .iter()
-            .filter(|d| {
-                config
-                    .certificates
-                    .iter()
-                    .any(|c| c.hostnames.contains(&d.hostname))
-            })
-            .count() as i64;
+        let static_active = config.static_domains().count() as i64;
         for s in DOMAIN_STATES {
             let n = counts
                 .iter()

@@ -68,46 +68,6 @@ fn install_static(
     Ok(())
 }
 
-/// The `[[domains]]` entries of `config` that a static certificate covers.
-fn static_active(config: &Config) -> i64 {
-    config
-        .domains
-        .iter()
-        .filter(|d| {
-            config
-                .certificates
-                .iter()
-                .any(|c| c.hostnames.contains(&d.hostname))
-        })
-        .count() as i64
-}
-
-/// Sets `linkgate_domains{state="active"}` to every domain served: the static ones and, when
-/// the domain manager runs (`custom_domains`), the stored domains in `active`, counted the way
-/// the domain manager counts them.
-async fn refresh_active_gauge(gw: &Gateway, custom_domains: bool) {
-    let mut active = static_active(&gw.config.load());
-    if custom_domains {
-        match gw.store.domain_state_counts().await {
-            Ok(counts) => {
-                active += counts
-                    .iter()
-                    .filter(|(state, _)| state == "active")
-                    .map(|(_, n)| *n)
-                    .sum::<i64>();
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot count domains");
-                return;
-            }
-        }
-    }
-    gw.metrics
-        .domains
-        .with_label_values(&["active"])
-        .set(active);
-}
-
 /// Applies the stored revocations with an id above `after`; returns the id of the last one
 /// applied (`after` when there is none). Applying a revocation twice changes nothing.
 async fn apply_revocations(
@@ -144,7 +104,7 @@ pub async fn build_gateway(config: Config, metrics: Arc<Metrics>) -> anyhow::Res
     metrics
         .domains
         .with_label_values(&["active"])
-        .set(static_active(&config));
+        .set(config.static_domains().count() as i64);
     let tenants = build_tenants(&config)?;
     let gw = Gateway {
         cookie_name: config.session.cookie_name.clone(),
@@ -322,7 +282,12 @@ impl BackgroundService for Housekeeping {
                 _ = async { match hup.as_mut() { Some(h) => { h.recv().await; } None => std::future::pending().await } } => {
                     match reload(gw) {
                         Ok(()) => {
-                            refresh_active_gauge(gw, self.custom_domains).await;
+                            // With custom domains, the domain manager recounts every state
+                            // when it sees the new config (within a second).
+                            if !self.custom_domains {
+                                let n = gw.config.load().static_domains().count() as i64;
+                                gw.metrics.domains.with_label_values(&["active"]).set(n);
+                            }
                             tracing::info!("configuration reloaded");
                         }
                         Err(problems) => {
