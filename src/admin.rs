@@ -274,7 +274,7 @@ impl AdminApi {
     /// The domain object of a `[[domains]]` entry served with a static certificate.
     fn static_domain(&self, hostname: &str) -> Option<Value> {
         let config = self.gw.config.load();
-        let d = config.domains.iter().find(|d| d.hostname == hostname)?;
+        let d = config.static_domains().find(|d| d.hostname == hostname)?;
         let cert = self.gw.certs.get(hostname);
         Some(json!({
             "hostname": d.hostname,

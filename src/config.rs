@@ -94,7 +94,7 @@ pub struct SessionConfig {
 }
 
 /// `[acme]`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct AcmeConfig {
     pub enabled: bool,
     pub directory: String,
@@ -106,7 +106,7 @@ pub struct AcmeConfig {
 }
 
 /// `[dns]`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct DnsConfig {
     pub nameservers: Vec<SocketAddr>,
     pub edge_target: String,
@@ -241,7 +241,7 @@ pub struct TenantConfig {
 }
 
 /// One `[[domains]]` entry.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DomainConfig {
     pub hostname: String,
     pub tenant: String,
@@ -382,6 +382,32 @@ fn placeholders() -> [toml::Value; 5] {
     ]
 }
 
+/// `msg` with every double-quoted value taken out (`invalid type: string "…", expected …`
+/// becomes `invalid type: string, expected …`): the value may be a secret in the wrong place.
+fn without_quoted_values(msg: &str) -> String {
+    let mut out = String::with_capacity(msg.len());
+    let mut chars = msg.chars();
+    while let Some(c) = chars.next() {
+        if c != '"' {
+            out.push(c);
+            continue;
+        }
+        // Skip to the closing quote (serde escapes quotes inside as `\"`).
+        while let Some(c) = chars.next() {
+            match c {
+                '\\' => {
+                    chars.next();
+                }
+                '"' => break,
+                _ => {}
+            }
+        }
+        let kept = out.trim_end_matches(' ').len();
+        out.truncate(kept);
+    }
+    out
+}
+
 /// The text between `prefix` and the next backtick of `msg`, when `msg` starts with `prefix`.
 fn quoted_after<'a>(msg: &'a str, prefix: &str) -> Option<&'a str> {
     msg.strip_prefix(prefix)?.split_once('`').map(|(k, _)| k)
@@ -484,7 +510,8 @@ impl Validator {
                     {
                         "must be a string".to_string()
                     }
-                    None => msg.clone(),
+                    // Nor any other value: a secret may sit where a table was expected.
+                    None => without_quoted_values(&msg),
                 };
                 self.err(&at, why);
                 self.masked.push(at.clone());
@@ -843,24 +870,21 @@ impl Validator {
                     format!("no tenant with id `{}`", d.tenant),
                 );
             }
+            let covered = certs
+                .iter()
+                .any(|c| c.hostnames.iter().any(|h| h == &hostname));
+            if !covered && !acme.enabled {
+                self.err(
+                    format!("{p}.hostname"),
+                    format!(
+                        "`{hostname}` has no [[certificates]] entry and acme.enabled is false: it could never be served"
+                    ),
+                );
+            }
             domain_cfgs.push(DomainConfig {
                 hostname,
                 tenant: d.tenant,
             });
-        }
-        for (i, d) in domain_cfgs.iter().enumerate() {
-            let covered = certs
-                .iter()
-                .any(|c| c.hostnames.iter().any(|h| h == &d.hostname));
-            if !covered && !acme.enabled {
-                self.err(
-                    format!("domains[{i}].hostname"),
-                    format!(
-                        "`{}` has no [[certificates]] entry and acme.enabled is false: it could never be served",
-                        d.hostname
-                    ),
-                );
-            }
         }
 
         Some(Config {

@@ -356,6 +356,31 @@ impl DomainManager {
         Ok(())
     }
 
+    /// Brings the stored domains in line with a reloaded config: a `[[domains]]` entry that
+    /// went through ACME and is no longer listed (or is listed for another tenant) is deleted
+    /// and stops being served, unless a static certificate now covers it; entries the new
+    /// config adds (or moves to another tenant) are onboarded, DNS checks included.
+    async fn apply_config_domains(&self, old: &Config, new: &Config) -> anyhow::Result<()> {
+        for d in &old.domains {
+            let listed = |c: &Config| c.domains.contains(d);
+            let is_static = |c: &Config| c.static_domains().any(|s| s.hostname == d.hostname);
+            if is_static(old) || listed(new) {
+                continue;
+            }
+            match self.gw.store.domain(&d.hostname).await? {
+                Some(row) if row.tenant == d.tenant => {
+                    self.gw.store.delete_domain(&d.hostname).await?;
+                    if !is_static(new) {
+                        self.unpublish(&d.hostname);
+                    }
+                    tracing::info!(hostname = %d.hostname, tenant = %d.tenant, "no longer a [[domains]] entry for this tenant; deleted");
+                }
+                _ => {}
+            }
+        }
+        self.onboard_config_domains(new).await
+    }
+
     async fn refresh_gauge(&self) {
         let Ok(counts) = self.gw.store.domain_state_counts().await else {
             return;
@@ -654,10 +679,10 @@ impl DomainManager {
                 _ = shutdown.changed() => return,
                 _ = tick.tick() => {}
             }
-            // A reload (SIGHUP) may have added `[[domains]]` entries: they start onboarding.
+            // A reload (SIGHUP) may have added, dropped or moved `[[domains]]` entries.
             let current = self.gw.config.load_full();
             if !Arc::ptr_eq(&current, &config) {
-                match self.onboard_config_domains(&current).await {
+                match self.apply_config_domains(&config, &current).await {
                     Ok(()) => {
                         config = current;
                         self.refresh_gauge().await;

@@ -698,38 +698,31 @@ impl GatewayProxy {
             });
             crate::webhooks::events_for(&gw.config.load(), &tenant.id, "link.redeemed", data)
         };
-        // The session first: when its claims cannot be stored, the link is not used up.
+        // A used link is refused before anything is made or stored; a fresh one is consumed
+        // only once its session exists (a store failure there does not burn the link).
+        let jti = link.jti.as_deref().unwrap_or_default();
+        if link.one_time {
+            let fresh = gw
+                .store
+                .is_redeemed(jti, &tenant.id)
+                .await
+                .map(|used| !used);
+            if let Some(answer) = self.unless_fresh(session, tenant, ctx, fresh).await {
+                return answer;
+            }
+        }
         let cookie = if needs_confirm {
             None
         } else {
             Some(self.create_session(tenant, &link).await?)
         };
-        if link.one_time {
-            let jti = link.jti.as_deref().unwrap_or_default();
-            let fresh = if needs_confirm {
-                gw.store
-                    .is_redeemed(jti, &tenant.id)
-                    .await
-                    .map(|used| !used)
-            } else {
-                gw.store
-                    .redeem_once(jti, &tenant.id, link.exp, &events)
-                    .await
-            };
-            match fresh {
-                Ok(true) => {}
-                Ok(false) => {
-                    gw.metrics.link_validation(LinkError::Used.index());
-                    return refuse(session, Some(tenant), Refusal::link(LinkError::Used), ctx)
-                        .await;
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "store unavailable while redeeming a link");
-                    return Err(Error::explain(
-                        ErrorType::InternalError,
-                        "store unavailable",
-                    ));
-                }
+        if link.one_time && cookie.is_some() {
+            let fresh = gw
+                .store
+                .redeem_once(jti, &tenant.id, link.exp, &events)
+                .await;
+            if let Some(answer) = self.unless_fresh(session, tenant, ctx, fresh).await {
+                return answer;
             }
         }
         gw.metrics.link_validation(0);
@@ -795,6 +788,31 @@ impl GatewayProxy {
         tracing::info!(tenant = %tenant.id, host = %ctx.host(), jti = link.jti.as_deref().unwrap_or("-"), "link redeemed");
         send(session, 303, &headers, Vec::new()).await?;
         Ok(true)
+    }
+
+    /// `None` while a one-time link is fresh (`fresh` from the store); otherwise the answer:
+    /// `410 link_used`, or an error when the store could not tell.
+    async fn unless_fresh(
+        &self,
+        session: &mut Session,
+        tenant: &Tenant,
+        ctx: &mut RequestCtx,
+        fresh: std::result::Result<bool, crate::store::StoreError>,
+    ) -> Option<Result<bool>> {
+        match fresh {
+            Ok(true) => None,
+            Ok(false) => {
+                self.gw.metrics.link_validation(LinkError::Used.index());
+                Some(refuse(session, Some(tenant), Refusal::link(LinkError::Used), ctx).await)
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "store unavailable while redeeming a link");
+                Some(Err(Error::explain(
+                    ErrorType::InternalError,
+                    "store unavailable",
+                )))
+            }
+        }
     }
 
     /// Seals a session for `link`; claims that would overflow the cookie go to the store.

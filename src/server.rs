@@ -145,6 +145,13 @@ pub fn reload(gw: &Gateway) -> Result<(), Vec<String>> {
     if new.store != old.store {
         restart.push("store.url");
     }
+    // The domain manager (DNS checker, ACME client) is built once, at start-up.
+    if new.acme != old.acme {
+        restart.push("[acme]");
+    }
+    if new.dns != old.dns {
+        restart.push("[dns]");
+    }
     if new.session.secret.0 != old.session.secret.0
         || new.session.cookie_name != old.session.cookie_name
     {

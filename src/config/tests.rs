@@ -175,7 +175,7 @@ fn type_errors_are_named_by_their_key_path() {
     let p = problems("[server]\nthreads = \"many\"\n[session]\nsecret = 5\n");
     assert!(
         p.iter()
-            .any(|l| l.starts_with("server.threads: invalid type: string \"many\"")),
+            .any(|l| l.starts_with("server.threads: invalid type: string, expected")),
         "{p:#?}"
     );
     assert!(
@@ -185,6 +185,31 @@ fn type_errors_are_named_by_their_key_path() {
     assert!(!p.iter().any(|l| l.starts_with("server:")), "{p:#?}");
     // No follow-on problem for the replaced values (secret too short, say).
     assert_eq!(p.len(), 2, "{p:#?}");
+}
+
+#[test]
+fn values_in_the_wrong_place_are_never_quoted() {
+    // A secret pasted where a table belongs: the problem is named, the value is not printed.
+    let secret = "hunter2-\\\"quoted\\\"-secret-0123456789abcdef";
+    let text = format!(
+        "[session]\nsecret = \"{s}\"\n[[tenants]]\nid = \"acme\"\nupstream = [\"127.0.0.1:1\"]\n\
+         keys = [\"{secret}\"]\n",
+        s = "x".repeat(32)
+    );
+    let p = problems(&text);
+    assert!(!p.is_empty());
+    assert!(
+        p.iter()
+            .any(|l| l.starts_with("tenants[0].keys[0]: invalid type: string, expected")),
+        "{p:#?}"
+    );
+    assert!(
+        !p.iter()
+            .any(|l| l.contains("hunter2") || l.contains("secret-0123")),
+        "{p:#?}"
+    );
+    assert_eq!(without_quoted_values(r#"a "x\"y" b "z""#), "a b");
+    assert_eq!(without_quoted_values(r#"open "never closed"#), "open");
 }
 
 #[test]

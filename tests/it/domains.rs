@@ -910,3 +910,62 @@ async fn sighup_onboards_config_domains_it_adds() {
         .await;
     assert!(env.served(host).await.is_ok(), "{}", env.diag());
 }
+
+#[tokio::test]
+async fn sighup_stops_serving_a_config_domain_it_removes() {
+    let extra = "\n[[domains]]\nhostname = \"links.dropped.test\"\ntenant = \"acme\"\n";
+    let mut env = DomainEnv::start_with(DomainOpts {
+        extra_toml: extra.into(),
+        ..DomainOpts::default()
+    })
+    .await;
+    let host = "links.dropped.test";
+    let d = env
+        .wait_for(host, "checked", STEP_TIMEOUT, |d| {
+            d["records"].as_array().is_some_and(|r| r.len() == 2)
+        })
+        .await;
+    env.set_ownership(&d).await;
+    env.set_routing(host).await;
+    env.wait_state(host, "active", Duration::from_secs(60))
+        .await;
+    assert!(env.served(host).await.is_ok(), "{}", env.diag());
+
+    // The entry leaves the file: after SIGHUP the domain is deleted and no longer served
+    // (a later renewal or restart must not bring it back).
+    env.gw.p.cfg.tail = env.gw.p.cfg.tail.replace(extra, "");
+    env.gw.p.write_config();
+    assert_eq!(env.gw.reload().await, Some(true), "{}", env.diag());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = env
+            .gw
+            .admin(reqwest::Method::GET, &format!("/v1/domains/{host}"))
+            .send()
+            .await
+            .unwrap();
+        if r.status() == 404 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{host} still stored\n{}",
+            env.diag()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        env.served(host).await.is_err(),
+        "still served\n{}",
+        env.diag()
+    );
+    env.gw.restart().await;
+    let r = env
+        .gw
+        .admin(reqwest::Method::GET, &format!("/v1/domains/{host}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404, "back after a restart");
+    assert!(env.served(host).await.is_err(), "served after a restart");
+}

@@ -392,3 +392,33 @@ async fn key_rotation_with_reload() {
     assert_session(&gw, &cookie, "alice", "/s5").await;
     assert_eq!(gw.pid(), pid);
 }
+
+#[tokio::test]
+async fn reload_refuses_changes_that_need_a_restart() {
+    let mut gw = Gateway::default().await;
+    let before = gw.p.cfg.tail.clone();
+    // The DNS checker and the ACME client are built once: their settings need a restart.
+    for (table, change) in [
+        ("[dns]", "\n[dns]\ncheck_interval = \"7s\"\n"),
+        ("[acme]", "\n[acme]\nrenew_before = \"20d\"\n"),
+    ] {
+        gw.p.cfg.tail = format!("{before}{change}");
+        gw.p.write_config();
+        assert_eq!(
+            gw.reload().await,
+            Some(false),
+            "{table}; log:\n{}",
+            gw.log()
+        );
+        assert!(
+            gw.log()
+                .contains(&format!("changes to {table} need a restart")),
+            "{table}; log:\n{}",
+            gw.log()
+        );
+    }
+    // Back to the running file: reloads again.
+    gw.p.cfg.tail = before;
+    gw.p.write_config();
+    assert_eq!(gw.reload().await, Some(true), "log:\n{}", gw.log());
+}
