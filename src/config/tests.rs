@@ -283,3 +283,21 @@ fn a_table_that_is_not_a_table_is_one_problem() {
     assert_eq!(p.len(), 1, "{p:#?}");
     assert!(p[0].starts_with("server: invalid type"), "{p:#?}");
 }
+
+#[test]
+fn domain_problems_are_named_by_their_place_in_the_file() {
+    // domains[0] is broken (no hostname); domains[1] could never be served (no certificate,
+    // ACME off): its problem names domains[1], not the place it has among the good entries.
+    let p = problems(&with_base(
+        "[[domains]]\ntenant = \"acme\"\n[[domains]]\nhostname = \"links.acme.test\"\ntenant = \"acme\"\n",
+    ));
+    assert!(
+        p.contains(&"domains[0].hostname: required".to_string()),
+        "{p:#?}"
+    );
+    assert!(
+        p.iter().any(|l| l
+            .starts_with("domains[1].hostname: `links.acme.test` has no [[certificates]] entry")),
+        "{p:#?}"
+    );
+}

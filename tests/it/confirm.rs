@@ -274,3 +274,31 @@ async fn one_time_jti_is_per_tenant() {
     assert_eq!(post_empty(&gw, "globex", &globex).await.status(), 303);
     expect_error(post_empty(&gw, "globex", &globex).await, 410, "link_used").await;
 }
+
+#[tokio::test]
+async fn a_used_link_makes_no_session_and_stores_nothing() {
+    // Claims too big for the cookie are kept in the store: presenting a used link again
+    // must not add a row per attempt.
+    let gw = Gateway::default().await;
+    let mut c = one_time_claims("alice");
+    c["ctx"] = json!({"blob": "y".repeat(5000)});
+    let path = format!("/login/{}", gw.token("acme", &c));
+    let r = post_empty(&gw, "acme", &path).await;
+    assert_eq!(r.status(), 303);
+    let db = gw.p.path("state").join("linkgate.db");
+    let rows = || {
+        rusqlite::Connection::open(&db)
+            .unwrap()
+            .query_row("SELECT COUNT(*) FROM session_claims", [], |r| {
+                r.get::<_, i64>(0)
+            })
+            .unwrap()
+    };
+    assert_eq!(rows(), 1, "the redemption stores its claims");
+    for _ in 0..3 {
+        let r = post_empty(&gw, "acme", &path).await;
+        assert!(session_cookie(&r).is_none());
+        expect_error(r, 410, "link_used").await;
+    }
+    assert_eq!(rows(), 1, "a used link stored claims");
+}
