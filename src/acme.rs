@@ -75,6 +75,9 @@ pub struct Issued {
     pub loaded: LoadedCert,
 }
 
+/// How long a published HTTP-01 answer stays valid if its order never withdraws it.
+const CHALLENGE_TTL_SECS: i64 = 600;
+
 /// Removes challenge answers when an order ends, whatever the outcome.
 struct ChallengeGuard<'a> {
     answers: &'a DashMap<String, String>,
@@ -196,25 +199,46 @@ impl AcmeClient {
         answers: &DashMap<String, String>,
     ) -> Result<Issued, AcmeError> {
         self.rate_limit(host).await;
+        let mut published = Vec::new();
+        let result = self.issue_once(host, answers, &mut published).await;
+        // Withdrawn from the other nodes whatever the outcome (a cancelled order's answers
+        // expire on their own).
+        for token in published {
+            if let Err(e) = self.store.delete_acme_challenge(&token).await {
+                tracing::warn!(hostname = host, error = %e, "cannot withdraw an HTTP-01 answer");
+            }
+        }
+        result
+    }
+
+    async fn issue_once(
+        &self,
+        host: &str,
+        answers: &DashMap<String, String>,
+        published: &mut Vec<String>,
+    ) -> Result<Issued, AcmeError> {
         let account = self.account(false).await?;
-        match self.order(&account, host, answers).await {
+        match self.order(&account, host, answers, published).await {
             Err(e) if e.account_gone() => {
                 tracing::warn!(
                     hostname = host,
                     "ACME: the CA no longer knows our account; registering again"
                 );
                 let account = self.account(true).await?;
-                self.order(&account, host, answers).await
+                self.order(&account, host, answers, published).await
             }
             r => r,
         }
     }
 
+    /// One order; HTTP-01 answers go into `answers` (this node) and the store (every node,
+    /// their tokens added to `published`).
     async fn order(
         &self,
         account: &Account,
         host: &str,
         answers: &DashMap<String, String>,
+        published: &mut Vec<String>,
     ) -> Result<Issued, AcmeError> {
         let dir = &self.config.directory;
         tracing::info!(hostname = host, "ACME: ordering a certificate");
@@ -240,8 +264,15 @@ impl AcmeClient {
                     AcmeError::Order("the CA offered no http-01 challenge".into())
                 })?;
                 let token = ch.token.clone();
-                answers.insert(token.clone(), ch.key_authorization().as_str().to_string());
-                guard.tokens.push(token);
+                let key_authorization = ch.key_authorization().as_str().to_string();
+                answers.insert(token.clone(), key_authorization.clone());
+                guard.tokens.push(token.clone());
+                // The CA may reach any node behind the routing CNAME.
+                let until = crate::gateway::now() + CHALLENGE_TTL_SECS;
+                self.store
+                    .put_acme_challenge(&token, &key_authorization, until)
+                    .await?;
+                published.push(token);
                 tracing::info!(hostname = host, "ACME: answering the HTTP-01 challenge");
                 ch.set_ready()
                     .await

@@ -13,15 +13,44 @@ use crate::metrics::Outcome;
 
 const CHALLENGE_PREFIX: &str = "/.well-known/acme-challenge/";
 
+/// Store lookups for HTTP-01 tokens this node does not hold, running at once at most: a flood
+/// of made-up tokens gets 404s rather than queueing work on the store.
+const MAX_CHALLENGE_LOOKUPS: usize = 4;
+
 /// The HTTP (port 80) application.
 pub struct HttpRedirect {
     gw: Arc<Gateway>,
+    lookups: tokio::sync::Semaphore,
 }
 
 impl HttpRedirect {
     /// The application over the shared gateway state.
     pub fn new(gw: Arc<Gateway>) -> Self {
-        Self { gw }
+        Self {
+            gw,
+            lookups: tokio::sync::Semaphore::new(MAX_CHALLENGE_LOOKUPS),
+        }
+    }
+
+    /// The HTTP-01 answer for `token`: this node's own orders first, then those of the other
+    /// nodes sharing the store (the CA may reach any node behind the routing CNAME).
+    async fn challenge_answer(&self, token: &str) -> Option<String> {
+        if let Some(ka) = self.gw.acme_challenges.get(token) {
+            return Some(ka.clone());
+        }
+        let _permit = self.lookups.try_acquire().ok()?;
+        match self
+            .gw
+            .store
+            .acme_challenge(token, crate::gateway::now())
+            .await
+        {
+            Ok(ka) => ka,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot look up an HTTP-01 answer");
+                None
+            }
+        }
     }
 }
 
@@ -55,11 +84,11 @@ impl ServeHttp for HttpRedirect {
         if let Some(token) = path.strip_prefix(CHALLENGE_PREFIX) {
             self.gw.metrics.request(Outcome::AcmeChallenge);
             if valid_token(token) {
-                if let Some(ka) = self.gw.acme_challenges.get(token) {
+                if let Some(ka) = self.challenge_answer(token).await {
                     return reply(
                         200,
                         &[(header::CONTENT_TYPE, "application/octet-stream".into())],
-                        ka.as_bytes().to_vec(),
+                        ka.into_bytes(),
                     );
                 }
             }

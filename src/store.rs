@@ -165,6 +165,18 @@ pub trait Store: Send + Sync {
     ) -> Result<(), StoreError>;
     /// Claims stored by [`Store::put_session_claims`], if present and not expired.
     async fn session_claims(&self, id: &str, now: i64) -> Result<Option<String>, StoreError>;
+    /// Publishes an ACME HTTP-01 answer to every node (the CA may ask any of them), until
+    /// `expires_at` or [`Store::delete_acme_challenge`].
+    async fn put_acme_challenge(
+        &self,
+        token: &str,
+        key_authorization: &str,
+        expires_at: i64,
+    ) -> Result<(), StoreError>;
+    /// The answer for an HTTP-01 `token`, if published and not expired.
+    async fn acme_challenge(&self, token: &str, now: i64) -> Result<Option<String>, StoreError>;
+    /// Withdraws an HTTP-01 answer (its order ended).
+    async fn delete_acme_challenge(&self, token: &str) -> Result<(), StoreError>;
     /// The gateway's assertion signing key: `candidate` is stored if none exists yet, and the
     /// stored key (the same on every node) is returned as (kid, PKCS#8 DER).
     async fn signing_key(
@@ -282,6 +294,11 @@ CREATE TABLE IF NOT EXISTS acme_accounts (
     directory TEXT PRIMARY KEY,
     credentials TEXT NOT NULL,
     created_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS acme_challenges (
+    token TEXT PRIMARY KEY,
+    key_authorization TEXT NOT NULL,
+    expires_at INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS signing_keys (
     slot INTEGER PRIMARY KEY CHECK (slot = 1),
@@ -522,6 +539,48 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn put_acme_challenge(
+        &self,
+        token: &str,
+        key_authorization: &str,
+        expires_at: i64,
+    ) -> Result<(), StoreError> {
+        let (token, ka) = (token.to_string(), key_authorization.to_string());
+        self.with(move |c| {
+            c.execute(
+                "INSERT OR REPLACE INTO acme_challenges (token, key_authorization, expires_at) VALUES (?1, ?2, ?3)",
+                params![token, ka, expires_at],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn acme_challenge(&self, token: &str, now: i64) -> Result<Option<String>, StoreError> {
+        let token = token.to_string();
+        self.with(move |c| {
+            Ok(c.query_row(
+                "SELECT key_authorization FROM acme_challenges WHERE token = ?1 AND expires_at > ?2",
+                params![token, now],
+                |r| r.get(0),
+            )
+            .optional()?)
+        })
+        .await
+    }
+
+    async fn delete_acme_challenge(&self, token: &str) -> Result<(), StoreError> {
+        let token = token.to_string();
+        self.with(move |c| {
+            c.execute(
+                "DELETE FROM acme_challenges WHERE token = ?1",
+                params![token],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
     async fn signing_key(
         &self,
         kid: &str,
@@ -554,6 +613,10 @@ impl Store for SqliteStore {
             )?;
             c.execute(
                 "DELETE FROM session_claims WHERE expires_at < ?1",
+                params![now],
+            )?;
+            c.execute(
+                "DELETE FROM acme_challenges WHERE expires_at < ?1",
                 params![now],
             )?;
             Ok(())
@@ -725,6 +788,28 @@ impl Store for SqliteStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn acme_challenges_are_shared_until_withdrawn_or_expired() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.db");
+        let (a, b) = (
+            SqliteStore::open(&path).unwrap(),
+            SqliteStore::open(&path).unwrap(),
+        );
+        a.put_acme_challenge("tok", "tok.thumb", 100).await.unwrap();
+        assert_eq!(
+            b.acme_challenge("tok", 99).await.unwrap().as_deref(),
+            Some("tok.thumb")
+        );
+        assert_eq!(b.acme_challenge("tok", 100).await.unwrap(), None, "expired");
+        assert_eq!(b.acme_challenge("other", 1).await.unwrap(), None);
+        a.delete_acme_challenge("tok").await.unwrap();
+        assert_eq!(b.acme_challenge("tok", 1).await.unwrap(), None, "withdrawn");
+        a.put_acme_challenge("old", "x", 5).await.unwrap();
+        a.prune(10).await.unwrap();
+        assert_eq!(a.acme_challenge("old", 1).await.unwrap(), None, "pruned");
+    }
 
     #[tokio::test]
     async fn redeemed_links_of_an_earlier_version_are_kept_per_tenant() {

@@ -969,3 +969,28 @@ async fn sighup_stops_serving_a_config_domain_it_removes() {
     assert_eq!(r.status(), 404, "back after a restart");
     assert!(env.served(host).await.is_err(), "served after a restart");
 }
+
+#[tokio::test]
+async fn http01_is_answered_by_any_node_sharing_the_store() {
+    // The CA's HTTP-01 request reaches a node that did not order (behind the routing CNAME
+    // any node may get it): that node answers from the shared store.
+    let env = DomainEnv::start_with(DomainOpts {
+        challenges_via_peer: true,
+        ..DomainOpts::default()
+    })
+    .await;
+    let host = "links.twonodes.test";
+    env.activate(host).await;
+    assert!(env.served(host).await.is_ok(), "{}", env.diag());
+    let peer = env.peer.as_ref().expect("second node");
+    assert!(
+        !peer.log().contains("ordering a certificate"),
+        "the peer ordered (ACME is off there)"
+    );
+    // Answers are withdrawn when the order ends: the peer no longer knows the token.
+    let conn = rusqlite::Connection::open(env.gw.p.path("state").join("linkgate.db")).unwrap();
+    let left: i64 = conn
+        .query_row("SELECT COUNT(*) FROM acme_challenges", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(left, 0, "HTTP-01 answers left in the store");
+}

@@ -634,6 +634,9 @@ pub struct DomainOpts {
     pub tenants: Vec<&'static str>,
     /// Raw TOML appended to the config (e.g. more `[[domains]]`).
     pub extra_toml: String,
+    /// A second node (ACME off) sharing the gateway's store: pebble's HTTP-01 requests go to
+    /// it, not to the node that orders.
+    pub challenges_via_peer: bool,
 }
 
 impl Default for DomainOpts {
@@ -643,6 +646,7 @@ impl Default for DomainOpts {
             orders_per_minute: 10,
             tenants: vec!["acme"],
             extra_toml: String::new(),
+            challenges_via_peer: false,
         }
     }
 }
@@ -652,6 +656,8 @@ impl Default for DomainOpts {
 /// Fields drop in order: gateway, pebble, DNS.
 pub struct DomainEnv {
     pub gw: Gateway,
+    /// The second node of `DomainOpts::challenges_via_peer`.
+    pub peer: Option<Gateway>,
     pub pebble: Pebble,
     pub dns: Dns,
 }
@@ -680,9 +686,33 @@ impl DomainEnv {
         );
         cfg.tail += &opts.extra_toml;
         let p = Prepared::new(cfg);
-        pebble.start(p.http_port).await;
+        let peer = opts.challenges_via_peer.then(|| {
+            let peer = Prepared::new(GatewayCfg::with_tenants(
+                opts.tenants.iter().map(|t| TenantCfg::new(t)).collect(),
+            ));
+            // The same SQLite file as the first node.
+            let db = p.path("state").join("linkgate.db");
+            let text = fs::read_to_string(&peer.config_path).unwrap().replace(
+                "url = \"sqlite://linkgate.db\"",
+                &format!("url = {}", q(&format!("sqlite://{}", db.display()))),
+            );
+            fs::write(&peer.config_path, text).unwrap();
+            peer
+        });
+        pebble
+            .start(peer.as_ref().map_or(p.http_port, |peer| peer.http_port))
+            .await;
         let gw = Gateway::start_prepared(p).await;
-        DomainEnv { gw, pebble, dns }
+        let peer = match peer {
+            Some(peer) => Some(Gateway::start_prepared(peer).await),
+            None => None,
+        };
+        DomainEnv {
+            gw,
+            peer,
+            pebble,
+            dns,
+        }
     }
 
     /// Logs of the three processes (tails), for assertion messages.
