@@ -381,6 +381,34 @@ impl DomainManager {
         self.onboard_config_domains(new).await
     }
 
+    /// A stored certificate failed to parse at its first handshake (a damaged store row, say):
+    /// the domain is not served, so it is due for a new order at once, with `last_error`
+    /// saying why. The order still needs the routing record, as a renewal does.
+    async fn reorder_unusable(&self, hostname: &str, why: &str) {
+        let now = now();
+        let Ok(Some(mut d)) = self.gw.store.domain(hostname).await else {
+            return;
+        };
+        if d.state != "active" {
+            return;
+        }
+        d.last_error = Some(format!(
+            "the stored certificate is unusable ({why}); ordering a new one"
+        ));
+        d.renew_after = Some(now);
+        d.next_check_at = now;
+        match self.gw.store.update_domain(&d, &[]).await {
+            Ok(true) => {
+                self.unpublish(hostname);
+                tracing::warn!(hostname, error = %why, "stored certificate unusable; ordering a new one");
+            }
+            Ok(false) => {}
+            Err(e) => {
+                tracing::error!(hostname, error = %e, "cannot mark the domain for a new order")
+            }
+        }
+    }
+
     async fn refresh_gauge(&self) {
         let Ok(counts) = self.gw.store.domain_state_counts().await else {
             return;
@@ -691,6 +719,9 @@ impl DomainManager {
                         tracing::warn!(error = %e, "cannot store domains of the reloaded config")
                     }
                 }
+            }
+            for (hostname, why) in self.gw.certs.take_unusable() {
+                self.reorder_unusable(&hostname, &why).await;
             }
             let due = match self.gw.store.due_domains(now(), 256).await {
                 Ok(d) => d,

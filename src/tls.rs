@@ -128,6 +128,9 @@ struct DeferredPem {
 #[derive(Default)]
 pub struct CertStore {
     by_host: DashMap<String, Slot>,
+    /// Stored certificates that failed to parse at their first handshake (hostname -> why),
+    /// until the domain manager takes them to order new ones.
+    unusable: DashMap<String, String>,
 }
 
 impl CertStore {
@@ -196,12 +199,22 @@ impl CertStore {
                     .is_some()
                 {
                     tracing::error!(hostname, error = %why, "stored certificate unusable; not served");
+                    self.unusable.insert(hostname.to_string(), why);
                     return None;
                 }
             }
         }
         // Replaced while parsing: serve what is there now.
         self.get(hostname)
+    }
+
+    /// Hostnames whose stored certificate turned out unusable since the last call, and why.
+    pub fn take_unusable(&self) -> Vec<(String, String)> {
+        let hosts: Vec<String> = self.unusable.iter().map(|e| e.key().clone()).collect();
+        hosts
+            .into_iter()
+            .filter_map(|h| self.unusable.remove(&h))
+            .collect()
     }
 
     /// True when a certificate is published for `hostname`.
@@ -435,5 +448,18 @@ mod tests {
             &renewed
         ));
         assert!(store.contains(h), "renewal removed by a failed parse");
+        assert!(
+            store.take_unusable().is_empty(),
+            "a replaced entry is not unusable"
+        );
+
+        // A stored chain that fails to parse is reported once, for a new order.
+        let store = CertStore::default();
+        store.insert_deferred(h, "garbage", "garbage");
+        assert!(store.get(h).is_none());
+        let bad = store.take_unusable();
+        assert_eq!(bad.len(), 1);
+        assert_eq!(bad[0].0, h);
+        assert!(store.take_unusable().is_empty());
     }
 }

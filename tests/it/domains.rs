@@ -994,3 +994,41 @@ async fn http01_is_answered_by_any_node_sharing_the_store() {
         .unwrap();
     assert_eq!(left, 0, "HTTP-01 answers left in the store");
 }
+
+#[tokio::test]
+async fn an_unusable_stored_certificate_is_ordered_again() {
+    let mut env = DomainEnv::start().await;
+    let host = "links.damaged.test";
+    env.activate(host).await;
+    // The stored chain gets damaged; after a restart it is parsed at its first handshake.
+    let db = env.gw.p.path("state").join("linkgate.db");
+    let n = rusqlite::Connection::open(&db)
+        .unwrap()
+        .execute(
+            "UPDATE domains SET cert_pem = 'not a certificate' WHERE hostname = ?1",
+            [host],
+        )
+        .unwrap();
+    assert_eq!(n, 1);
+    env.gw.restart().await;
+    assert!(
+        env.served(host).await.is_err(),
+        "a damaged chain was served"
+    );
+    // The domain is ordered again at once and served with the new certificate.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while env.served(host).await.is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "not served again\n{}",
+            env.diag()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let d = env.get_domain(host).await;
+    assert_eq!(d["state"], "active", "{d}");
+    assert!(env
+        .gw
+        .log()
+        .contains("stored certificate unusable; ordering a new one"));
+}
