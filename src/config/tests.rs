@@ -1,5 +1,6 @@
 //! Unit tests of configuration validation, hostile input included.
 
+use super::validate::without_quoted_values;
 use super::*;
 use std::io::Write;
 

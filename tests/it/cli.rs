@@ -276,8 +276,8 @@ fn mint_refuses_tenant_with_only_public_keys() {
     assert!(!err.trim().is_empty(), "mint must say why");
 }
 
-#[tokio::test]
-async fn sigterm_finishes_in_flight_requests_and_exits_0() {
+/// SPEC 1: `signal` stops the gateway gracefully: a request in flight completes, exit 0.
+async fn finishes_in_flight_requests_and_exits_0(signal: &str) {
     let mut gw = Gateway::default().await;
     let client = gw.client();
     let url = gw.url("acme", "/static/slow");
@@ -287,38 +287,25 @@ async fn sigterm_finishes_in_flight_requests_and_exits_0() {
         gw.upstream("acme").last("/static/slow").is_some(),
         "request not in flight yet"
     );
-    gw.signal("TERM");
+    gw.signal(signal);
     let r = inflight
         .await
         .unwrap()
         .expect("in-flight request must complete");
-    assert_eq!(r.status(), 200);
+    assert_eq!(r.status(), 200, "SIG{signal}; log:\n{}", gw.log());
     assert_eq!(r.text().await.unwrap(), "upstream ok /static/slow");
     let code = gw.wait_exit(Duration::from_secs(15)).await;
-    assert_eq!(code, Some(0), "log:\n{}", gw.log());
+    assert_eq!(code, Some(0), "SIG{signal}; log:\n{}", gw.log());
+}
+
+#[tokio::test]
+async fn sigterm_finishes_in_flight_requests_and_exits_0() {
+    finishes_in_flight_requests_and_exits_0("TERM").await;
 }
 
 #[tokio::test]
 async fn sigint_finishes_in_flight_requests_and_exits_0() {
-    // SPEC 1: SIGINT stops gracefully, like SIGTERM.
-    let mut gw = Gateway::default().await;
-    let client = gw.client();
-    let url = gw.url("acme", "/static/slow");
-    let inflight = tokio::spawn(async move { client.get(url).send().await });
-    tokio::time::sleep(Duration::from_millis(400)).await;
-    assert!(
-        gw.upstream("acme").last("/static/slow").is_some(),
-        "request not in flight yet"
-    );
-    gw.signal("INT");
-    let r = inflight
-        .await
-        .unwrap()
-        .expect("in-flight request must complete");
-    assert_eq!(r.status(), 200, "log:\n{}", gw.log());
-    assert_eq!(r.text().await.unwrap(), "upstream ok /static/slow");
-    let code = gw.wait_exit(Duration::from_secs(15)).await;
-    assert_eq!(code, Some(0), "log:\n{}", gw.log());
+    finishes_in_flight_requests_and_exits_0("INT").await;
 }
 
 #[tokio::test]

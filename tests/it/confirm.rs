@@ -21,6 +21,13 @@ async fn post_empty(gw: &Gateway, tenant: &str, path: &str) -> reqwest::Response
         .unwrap()
 }
 
+/// HEAD on a link URL: 200, no session.
+async fn assert_head_only_looks(gw: &Gateway, path: &str) {
+    let r = gw.client().head(gw.url("acme", path)).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(session_cookie(&r).is_none());
+}
+
 async fn assert_confirm_page(r: reqwest::Response, token: &str, secrets: &[&str]) {
     assert_eq!(r.status(), 200, "confirm page status");
     assert!(
@@ -85,14 +92,7 @@ async fn one_time_get_shows_confirm_page_and_post_redeems_once() {
     let r = gw.client().get(gw.url("acme", &path)).send().await.unwrap();
     assert_confirm_page(r, &tok, &secrets).await;
     // HEAD: not consumed either.
-    let r = gw
-        .client()
-        .head(gw.url("acme", &path))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    assert!(session_cookie(&r).is_none());
+    assert_head_only_looks(&gw, &path).await;
 
     // POST redeems.
     let r = post_empty(&gw, "acme", &path).await;
@@ -188,14 +188,7 @@ async fn confirm_never_redeems_one_time_on_get() {
     let path = format!("/login/{tok}");
     // HEAD (a link scanner) looks without consuming, even here.
     for _ in 0..2 {
-        let r = gw
-            .client()
-            .head(gw.url("acme", &path))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 200);
-        assert!(session_cookie(&r).is_none());
+        assert_head_only_looks(&gw, &path).await;
     }
     let r = gw.client().get(gw.url("acme", &path)).send().await.unwrap();
     assert_eq!(r.status(), 303);

@@ -880,24 +880,7 @@ async fn sighup_onboards_config_domains_it_adds() {
     env.gw.p.write_config();
     assert_eq!(env.gw.reload().await, Some(true), "{}", env.diag());
     // Stored within a scheduler tick, then onboarded like a domain made through the API.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let r = env
-            .gw
-            .admin(reqwest::Method::GET, &format!("/v1/domains/{host}"))
-            .send()
-            .await
-            .unwrap();
-        if r.status() == 200 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{host} never stored\n{}",
-            env.diag()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    env.wait_status(host, 200).await;
     let d = env
         .wait_for(host, "checked", STEP_TIMEOUT, |d| {
             d["records"].as_array().is_some_and(|r| r.len() == 2)
@@ -936,24 +919,7 @@ async fn sighup_stops_serving_a_config_domain_it_removes() {
     env.gw.p.cfg.tail = env.gw.p.cfg.tail.replace(extra, "");
     env.gw.p.write_config();
     assert_eq!(env.gw.reload().await, Some(true), "{}", env.diag());
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let r = env
-            .gw
-            .admin(reqwest::Method::GET, &format!("/v1/domains/{host}"))
-            .send()
-            .await
-            .unwrap();
-        if r.status() == 404 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{host} still stored\n{}",
-            env.diag()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    env.wait_status(host, 404).await;
     assert!(
         env.served(host).await.is_err(),
         "still served\n{}",

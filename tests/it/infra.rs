@@ -811,6 +811,29 @@ impl DomainEnv {
         }
     }
 
+    /// Waits (up to 10 s) until `GET /v1/domains/{hostname}` answers `status`.
+    pub async fn wait_status(&self, hostname: &str, status: u16) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let r = self
+                .gw
+                .admin(reqwest::Method::GET, &format!("/v1/domains/{hostname}"))
+                .send()
+                .await
+                .unwrap();
+            if r.status() == status {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "GET /v1/domains/{hostname}: {} after 10 s, not {status}\n{}",
+                r.status(),
+                self.diag()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     pub async fn wait_state(&self, hostname: &str, state: &str, timeout: Duration) -> Value {
         self.wait_for(hostname, state, timeout, |d| d["state"] == state)
             .await
