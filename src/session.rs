@@ -121,9 +121,11 @@ impl SessionSealer {
 }
 
 /// Sessions already opened, keyed by the cookie's first characters (its random nonce) and
-/// matched on the full cookie value, so a cookie is decrypted once and its later requests cost a map lookup.
-/// (Also holds claims kept in the store, keyed by their random id: any key whose first 16
-/// bytes are random works; a shorter key is never cached.) Bounded: at `max` entries the oldest-inserted eighth is dropped. A full cache is never
+/// matched on the full cookie value, so a cookie is decrypted once and its later requests
+/// cost a map lookup. Also holds claims kept in the store, keyed by their random id: any key
+/// whose first 16 bytes are random works; a shorter key is never cached.
+///
+/// Bounded: at `max` entries the oldest-inserted eighth is dropped. A full cache is never
 /// cleared wholesale, which would send every live session through decryption at once.
 pub struct SessionCache<T> {
     map: DashMap<[u8; 16], Arc<Cached<T>>, crate::gateway::FastHasher>,
