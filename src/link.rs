@@ -731,4 +731,12 @@ mod tests {
             assert!(!is_safe_redirect(bad), "{bad}");
         }
     }
+
+    proptest::proptest! {
+        /// Any token-shaped text: refused with an error, never a panic.
+        #[test]
+        fn arbitrary_tokens_are_refused(token in "[A-Za-z0-9_=.-]{0,300}") {
+            proptest::prop_assert!(validate(&token, &keys(), &ctx(), &Revocations::default()).is_err());
+        }
+    }
 }

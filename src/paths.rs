@@ -163,4 +163,19 @@ mod tests {
         assert!(!prefix_matches("/static/", "/static"));
         assert!(prefix_matches("/", "/anything"));
     }
+
+    proptest::proptest! {
+        /// Any path: no panic; a normalised path starts with `/`, holds no dot segment, and
+        /// normalises to itself.
+        #[test]
+        fn normalize_is_total_and_idempotent(raw in "(/|[a-z]|\\.|%[0-9a-fA-F]{0,2}|%2[eE]|é| |\\?){0,24}") {
+            if let Ok(p) = normalize(&raw) {
+                proptest::prop_assert!(p.starts_with('/'));
+                for seg in p.split('/') {
+                    proptest::prop_assert!(seg != "." && seg != "..", "{raw:?} -> {p:?}");
+                }
+                proptest::prop_assert_eq!(normalize(&p).unwrap(), p.clone());
+            }
+        }
+    }
 }

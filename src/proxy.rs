@@ -1162,4 +1162,33 @@ mod tests {
         assert_eq!(parts.uri, "/p?q=1");
         assert_eq!(parts.method, http::Method::GET);
     }
+
+    proptest::proptest! {
+        /// A redemption's `Location` never leaves the site, whatever the path; the query never
+        /// keeps a parameter named `magic_link`, however it is spelled.
+        #[test]
+        fn locations_stay_on_the_site(
+            path in "[/\\\\a-z.%]{0,16}",
+            query in proptest::collection::vec(
+                proptest::sample::select(vec![
+                    "magic_link", "magic%5Flink", "m%61gic_link", "magic_lin", "=", "&", "x", "%",
+                    "%5", "%zz",
+                ]),
+                0..10,
+            )
+        ) {
+            let query = query.concat();
+            let path = format!("/{path}");
+            let loc = same_site_path(&path);
+            proptest::prop_assert!(loc.starts_with('/'));
+            proptest::prop_assert!(!loc.starts_with("//") && !loc.starts_with("/\\"), "{loc}");
+            if let Some(q) = query_without_token(Some(&query)) {
+                proptest::prop_assert!(
+                    form_urlencoded::parse(q.as_bytes()).all(|(k, _)| k != "magic_link"),
+                    "{query} -> {q}"
+                );
+            }
+            let _ = find_token(&loc, Some(&query));
+        }
+    }
 }

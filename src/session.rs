@@ -412,4 +412,31 @@ mod tests {
             CookieStrip::Rest(b"a=caf\xe9; b=\xff".to_vec())
         );
     }
+
+    proptest::proptest! {
+        /// Any `Cookie` field: no panic, and what goes upstream never holds the cookie.
+        #[test]
+        fn stripped_fields_never_hold_the_cookie(
+            field in proptest::collection::vec(
+                proptest::prop_oneof![
+                    proptest::strategy::Just(b"__Host-linkgate".to_vec()),
+                    proptest::strategy::Just(b"=".to_vec()),
+                    proptest::strategy::Just(b";".to_vec()),
+                    proptest::strategy::Just(b" ".to_vec()),
+                    proptest::collection::vec(proptest::num::u8::ANY, 0..4),
+                ],
+                0..12,
+            )
+        ) {
+            let field = field.concat();
+            let name = "__Host-linkgate";
+            let left = match strip_cookie(&field, name) {
+                CookieStrip::Absent => field.clone(),
+                CookieStrip::Emptied => Vec::new(),
+                CookieStrip::Rest(rest) => rest,
+            };
+            proptest::prop_assert_eq!(find_cookie(&left, name), None);
+            proptest::prop_assert_eq!(strip_cookie(&left, name), CookieStrip::Absent);
+        }
+    }
 }
