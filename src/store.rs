@@ -358,6 +358,21 @@ impl SqliteStore {
         })
     }
 
+    /// The text `sql` selects for `key` (`?1`) from a row not expired at `now` (`?2`).
+    async fn unexpired_text(
+        &self,
+        sql: &'static str,
+        key: &str,
+        now: i64,
+    ) -> Result<Option<String>, StoreError> {
+        let key = key.to_string();
+        self.with(move |c| {
+            Ok(c.query_row(sql, params![key, now], |r| r.get(0))
+                .optional()?)
+        })
+        .await
+    }
+
     async fn with<T: Send + 'static>(
         &self,
         f: impl FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
@@ -527,15 +542,11 @@ impl Store for SqliteStore {
     }
 
     async fn session_claims(&self, id: &str, now: i64) -> Result<Option<String>, StoreError> {
-        let id = id.to_string();
-        self.with(move |c| {
-            Ok(c.query_row(
-                "SELECT claims FROM session_claims WHERE id = ?1 AND expires_at > ?2",
-                params![id, now],
-                |r| r.get(0),
-            )
-            .optional()?)
-        })
+        self.unexpired_text(
+            "SELECT claims FROM session_claims WHERE id = ?1 AND expires_at > ?2",
+            id,
+            now,
+        )
         .await
     }
 
@@ -557,15 +568,11 @@ impl Store for SqliteStore {
     }
 
     async fn acme_challenge(&self, token: &str, now: i64) -> Result<Option<String>, StoreError> {
-        let token = token.to_string();
-        self.with(move |c| {
-            Ok(c.query_row(
-                "SELECT key_authorization FROM acme_challenges WHERE token = ?1 AND expires_at > ?2",
-                params![token, now],
-                |r| r.get(0),
-            )
-            .optional()?)
-        })
+        self.unexpired_text(
+            "SELECT key_authorization FROM acme_challenges WHERE token = ?1 AND expires_at > ?2",
+            token,
+            now,
+        )
         .await
     }
 
