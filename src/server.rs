@@ -354,6 +354,16 @@ pub fn serve(
             .unwrap_or(1),
         n => n,
     };
+    // pingora binds in its service threads, where a port in use is a panic in one thread and
+    // the process runs on half-started: find out here and exit with the reason instead.
+    for (key, addr) in [
+        ("server.https_listen", https),
+        ("server.http_listen", http_addr),
+        ("server.admin_listen", admin),
+    ] {
+        std::net::TcpListener::bind(addr)
+            .map_err(|e| anyhow::anyhow!("{key} = {addr}: cannot listen: {e}"))?;
+    }
     let acme_enabled = config.acme.enabled;
     let gw = startup.block_on(build_gateway(config, metrics))?;
     let domains = if acme_enabled {

@@ -394,3 +394,34 @@ async fn sighup_reloads_valid_config_and_keeps_running_on_broken_one() {
         200
     );
 }
+
+#[test]
+fn serve_exits_with_the_reason_when_a_listener_port_is_taken() {
+    let p = Prepared::new(GatewayCfg::default());
+    let _taken = std::net::TcpListener::bind(("127.0.0.1", p.https_port)).unwrap();
+    let (code, out, err) = p.run_cli(&["serve"]);
+    assert_eq!(code, 1, "stdout: {out}\nstderr: {err}");
+    let want = format!(
+        "server.https_listen = 127.0.0.1:{}: cannot listen",
+        p.https_port
+    );
+    assert!(err.contains(&want), "stderr: {err}");
+}
+
+#[tokio::test]
+async fn the_harness_moves_off_a_port_taken_before_start() {
+    // What `start_prepared` does when another process takes a listener port in the window
+    // between `free_port` and linkgate's bind.
+    let p = Prepared::new(GatewayCfg::default());
+    let taken = p.https_port;
+    let _hold = std::net::TcpListener::bind(("127.0.0.1", taken)).unwrap();
+    let gw = Gateway::start_prepared(p).await;
+    assert_ne!(gw.p.https_port, taken);
+    let r = gw
+        .client()
+        .get(gw.url("acme", "/static/x"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}

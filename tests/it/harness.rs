@@ -817,6 +817,32 @@ impl std::ops::Deref for Gateway {
     }
 }
 
+/// Runs `linkgate serve` on `p`'s config, its output appended to `log_path`.
+fn spawn_child(p: &Prepared, log_path: &std::path::Path) -> Child {
+    let log = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log_path)
+        .unwrap();
+    Command::new(bin())
+        .arg("serve")
+        .arg("--config")
+        .arg(&p.config_path)
+        .envs(p.env.iter().map(|(a, b)| (a.as_str(), b.as_str())))
+        .env("RUST_BACKTRACE", "1")
+        .envs(
+            std::env::var("IT_GATEWAY_RUST_LOG")
+                .ok()
+                .map(|v| ("RUST_LOG", v)),
+        )
+        .current_dir(p.dir.path())
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("spawn linkgate")
+}
+
 impl Drop for Gateway {
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -837,6 +863,31 @@ impl Gateway {
 
     pub async fn start_prepared(p: Prepared) -> Gateway {
         let mut gw = Self::spawn_prepared(p);
+        // Another process may take a listener port between `free_port` and linkgate's bind;
+        // linkgate then exits saying so. It starts again on new HTTPS and admin ports (no one
+        // outside knows them yet; the HTTP port may be in a pebble config, so it stays).
+        for _ in 0..3 {
+            match gw.ready_or_exit().await {
+                Ok(()) => return gw,
+                Err(_) if gw.could_not_listen() => {
+                    let text = fs::read_to_string(&gw.p.config_path).unwrap();
+                    let (https, admin) = (free_port(), free_port());
+                    let text = text
+                        .replace(
+                            &format!("https_listen = \"127.0.0.1:{}\"", gw.p.https_port),
+                            &format!("https_listen = \"127.0.0.1:{https}\""),
+                        )
+                        .replace(
+                            &format!("admin_listen = \"127.0.0.1:{}\"", gw.p.admin_port),
+                            &format!("admin_listen = \"127.0.0.1:{admin}\""),
+                        );
+                    fs::write(&gw.p.config_path, text).unwrap();
+                    (gw.p.https_port, gw.p.admin_port) = (https, admin);
+                    gw.child = Some(spawn_child(&gw.p, &gw.log_path));
+                }
+                Err(_) => break,
+            }
+        }
         gw.wait_ready().await;
         gw
     }
@@ -844,24 +895,8 @@ impl Gateway {
     /// Starts the gateway process without waiting for it to be ready (see `wait_ready`).
     pub fn spawn_prepared(p: Prepared) -> Gateway {
         let log_path = p.path("gateway.log");
-        let log = fs::File::create(&log_path).unwrap();
-        let child = Command::new(bin())
-            .arg("serve")
-            .arg("--config")
-            .arg(&p.config_path)
-            .envs(p.env.iter().map(|(a, b)| (a.as_str(), b.as_str())))
-            .env("RUST_BACKTRACE", "1")
-            .envs(
-                std::env::var("IT_GATEWAY_RUST_LOG")
-                    .ok()
-                    .map(|v| ("RUST_LOG", v)),
-            )
-            .current_dir(p.dir.path())
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("spawn linkgate");
+        fs::File::create(&log_path).unwrap();
+        let child = spawn_child(&p, &log_path);
         Gateway {
             p,
             child: Some(child),
@@ -869,8 +904,14 @@ impl Gateway {
         }
     }
 
-    /// Waits (up to 20 s) until `/readyz` answers 200; panics if the process exits first.
-    pub async fn wait_ready(&mut self) {
+    /// True when the process exited because a listener port was taken.
+    fn could_not_listen(&self) -> bool {
+        let log = self.log();
+        log.contains("cannot listen") && !log.contains("server.http_listen =")
+    }
+
+    /// Waits (up to 20 s) until `/readyz` answers 200, or the process exits (its status).
+    async fn ready_or_exit(&mut self) -> Result<(), std::process::ExitStatus> {
         let client = reqwest::Client::builder()
             .no_proxy()
             .timeout(Duration::from_secs(2))
@@ -880,21 +921,28 @@ impl Gateway {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!(
-                    "linkgate exited during start-up ({status}); log:\n{}\nconfig:\n{}",
-                    self.log(),
-                    fs::read_to_string(&self.config_path).unwrap()
-                );
+                return Err(status);
             }
             if let Ok(r) = client.get(&url).send().await {
                 if r.status() == 200 {
-                    return;
+                    return Ok(());
                 }
             }
             if Instant::now() > deadline {
                 panic!("linkgate not ready after 20 s; log:\n{}", self.log());
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits (up to 20 s) until `/readyz` answers 200; panics if the process exits first.
+    pub async fn wait_ready(&mut self) {
+        if let Err(status) = self.ready_or_exit().await {
+            panic!(
+                "linkgate exited during start-up ({status}); log:\n{}\nconfig:\n{}",
+                self.log(),
+                fs::read_to_string(&self.p.config_path).unwrap()
+            );
         }
     }
 
@@ -907,29 +955,7 @@ impl Gateway {
             self.wait_exit(Duration::from_secs(30)).await;
         }
         self.wait_ports_free(Duration::from_secs(10)).await;
-        let log = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log_path)
-            .unwrap();
-        let child = Command::new(bin())
-            .arg("serve")
-            .arg("--config")
-            .arg(&self.p.config_path)
-            .envs(self.p.env.iter().map(|(a, b)| (a.as_str(), b.as_str())))
-            .env("RUST_BACKTRACE", "1")
-            .envs(
-                std::env::var("IT_GATEWAY_RUST_LOG")
-                    .ok()
-                    .map(|v| ("RUST_LOG", v)),
-            )
-            .current_dir(self.p.dir.path())
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("spawn linkgate");
-        self.child = Some(child);
+        self.child = Some(spawn_child(&self.p, &self.log_path));
         self.wait_ready().await;
     }
 
