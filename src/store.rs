@@ -892,26 +892,7 @@ mod tests {
             ("a", &b"first"[..]),
             "first key kept"
         );
-        let row = DomainRow {
-            hostname: "links.example.test".into(),
-            tenant: "acme".into(),
-            token: "t".into(),
-            state: "pending_ownership".into(),
-            records: "[]".into(),
-            last_checked_at: None,
-            last_error: None,
-            cert_pem: None,
-            key_pem: None,
-            not_before: None,
-            not_after: None,
-            issuer: None,
-            failures: 0,
-            routing_misses: 0,
-            next_check_at: 0,
-            renew_after: None,
-            created_at: 1,
-            version: 0,
-        };
+        let row = domain_row("links.example.test", "acme", "t");
         assert!(s.insert_domain(&row).await.unwrap());
         assert!(!s.insert_domain(&row).await.unwrap(), "hostname taken");
         assert!(s.lock_domain(&row.hostname, "a", 100, 10).await.unwrap());
